@@ -1,0 +1,119 @@
+"""Model specs and the backend registry.
+
+Every command takes a model spec string:
+
+* ``builtin:smollm2-135m-instruct`` — the offline built-in model (see :mod:`.builtin`);
+* a local model directory (``runs/sl/model``) — loaded with transformers;
+* a hub id (``HuggingFaceTB/SmolLM2-360M-Instruct``) — loaded with transformers, for online users;
+* ``hf:<dir or hub id>`` — the same, explicitly;
+* ``openai:<base_url>#<model>`` — any OpenAI-compatible server (vLLM, SGLang, llama.cpp server,
+  ``transformers serve``, hosted APIs). The API key comes from ``$OPENAI_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from constitutional.errors import UserError
+from constitutional.models.base import (
+    Conversation,
+    LanguageModel,
+    Message,
+    ModelStats,
+    Prompt,
+    SamplingParams,
+)
+
+__all__ = [
+    "BACKENDS",
+    "Conversation",
+    "LanguageModel",
+    "Message",
+    "ModelSpec",
+    "ModelStats",
+    "Prompt",
+    "SamplingParams",
+    "load_model",
+    "parse_spec",
+]
+
+#: Backends and what they are, for ``cai models``.
+BACKENDS: dict[str, str] = {
+    "hf": "transformers on CPU or CUDA: batched generate, one-pass scoring of single-token options",
+    "openai": "any OpenAI-compatible server via the openai SDK: concurrency limit, retries, "
+    "logprobs scoring (echo or top_logprobs)",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    backend: str  # "hf" or "openai"
+    target: str  # path / hub id / base_url
+    model: str | None = None  # served model name (openai)
+    builtin: str | None = None  # built-in name, when the spec is builtin:NAME
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string; raise a one-line :class:`UserError` if it is not valid."""
+    from constitutional.models.builtin import get_builtin
+
+    spec = spec.strip()
+    if not spec:
+        raise UserError("empty model spec")
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        get_builtin(name)
+        return ModelSpec("hf", name, builtin=name)
+    if spec.startswith("openai:"):
+        rest = spec.removeprefix("openai:")
+        url, _, model = rest.partition("#")
+        if not re.match(r"^https?://[^/\s]+", url) or not model:
+            raise UserError(
+                f"bad OpenAI spec {spec!r}; expected openai:<base_url>#<model>, "
+                "e.g. openai:http://127.0.0.1:8000/v1#my-model"
+            )
+        return ModelSpec("openai", url.rstrip("/"), model=model)
+    target = spec.removeprefix("hf:")
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {target} has no config.json")
+        return ModelSpec("hf", str(path))
+    if path.exists():
+        raise UserError(f"model spec {target} is a file, not a model directory")
+    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") != 1
+    if _HUB_ID.match(target) and not looks_like_path:
+        return ModelSpec("hf", target)
+    if looks_like_path and "/" in target:
+        raise UserError(f"model directory not found: {target}")
+    raise UserError(
+        f"unknown model spec {spec!r}; use builtin:NAME, a model directory, a hub id "
+        "(org/name), or openai:<base_url>#<model> (see `cai models`)"
+    )
+
+
+def load_model(spec: str, **options: Any) -> LanguageModel:
+    """Load a backend for ``spec``. Options go to the backend (device, dtype, timeout, …)."""
+    parsed = parse_spec(spec)
+    if parsed.backend == "openai":
+        from constitutional.models.openai import OpenAIModel
+
+        return OpenAIModel(parsed.target, parsed.model or "", spec=spec, **options)
+
+    from constitutional.models.hf import HFModel
+
+    if parsed.builtin:
+        from constitutional.models.builtin import ensure_checkpoint
+
+        return HFModel(ensure_checkpoint(parsed.builtin), spec=spec, **options)
+    try:
+        return HFModel(parsed.target, spec=spec, **options)
+    except OSError as err:
+        # transformers raises OSError for missing repos, offline hubs and unreadable dirs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model {parsed.target!r}: {first}") from err

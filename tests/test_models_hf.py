@@ -1,0 +1,171 @@
+"""The transformers backend on a real tiny Llama (random init, real tokenizer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from constitutional.errors import UserError
+from constitutional.models import SamplingParams
+from constitutional.models.hf import HFModel
+
+PROMPTS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour. " * 5}],
+    [{"role": "user", "content": "Write a long story about a dragon who learns to cook. " * 3}],
+    "Raw text prompt for a base model:",
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "multi-turn context " * 8}],
+]
+
+
+def direct_logprob(model: HFModel, context, option: str) -> float:
+    """log P(option | context) from one unbatched forward pass and a plain log-softmax."""
+    ctx = model.encode(context)
+    full = model.tokenizer(model.render(context) + option,
+                           add_special_tokens=isinstance(context, str))["input_ids"]
+    cont = full[len(ctx):] if full[: len(ctx)] == ctx else model.tokenizer(
+        option, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.model(ids).logits[0].float(), dim=-1)
+    return sum(float(logp[len(ctx) + t - 1, tok]) for t, tok in enumerate(cont))
+
+
+def test_batched_greedy_equals_unbatched(tiny: HFModel) -> None:
+    params = SamplingParams(max_new_tokens=24)
+    one_by_one = [tiny.generate([p], params)[0] for p in PROMPTS]
+    tiny.max_batch_tokens = 200  # force several batches of different widths
+    try:
+        batched = tiny.generate(PROMPTS, params)
+    finally:
+        tiny.max_batch_tokens = 32768
+    assert batched == one_by_one
+    assert all(isinstance(t, str) and t for t in batched)
+
+
+def test_batches_respect_token_budget(tiny: HFModel) -> None:
+    lengths = [5, 50, 7, 300, 20, 21, 3]
+    tiny.max_batch_tokens = 400
+    try:
+        batches = list(tiny._batches(lengths, extra=40))
+    finally:
+        tiny.max_batch_tokens = 32768
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 40) <= 400
+        widths = [lengths[i] for i in b]
+        assert widths == sorted(widths)  # sorted by length
+
+
+def test_score_matches_direct_log_softmax(tiny: HFModel) -> None:
+    contexts = [
+        [{"role": "user", "content": "Which is better?"},
+         {"role": "assistant", "content": "The answer is: ("}],
+        "Question: pick one. The answer is: (",
+    ]
+    single = tiny.score(contexts, ["A", "B"])  # single-token options: one pass per context
+    multi = tiny.score(contexts, [" a longer option", " another, longer option text"])
+    for i, ctx in enumerate(contexts):
+        for j, opt in enumerate(["A", "B"]):
+            assert single[i][j] == pytest.approx(direct_logprob(tiny, ctx, opt), abs=1e-4)
+        for j, opt in enumerate([" a longer option", " another, longer option text"]):
+            assert multi[i][j] == pytest.approx(direct_logprob(tiny, ctx, opt), abs=1e-4)
+    assert all(v < 0 for row in single + multi for v in row)
+
+
+def test_score_single_token_options_cost_one_pass(tiny: HFModel) -> None:
+    contexts = [f"Context number {i}. The answer is: (" for i in range(6)]
+    before = tiny.stats.forward_passes
+    tiny.score(contexts, ["A", "B"])
+    assert tiny.stats.forward_passes - before == 1  # all six contexts, both options, one batch
+
+
+def test_score_per_context_options(tiny: HFModel) -> None:
+    out = tiny.score(["x", "y"], [["A", "B", "C"], [" yes"]])
+    assert [len(r) for r in out] == [3, 1]
+    with pytest.raises(UserError):
+        tiny.score(["x", "y"], [["A"]])
+
+
+def test_stop_strings_cut_the_output(tiny: HFModel) -> None:
+    prompt = [PROMPTS[0]]
+    free = tiny.generate(prompt, SamplingParams(max_new_tokens=40))[0]
+    stop = free[len(free) // 2 : len(free) // 2 + 3]
+    assert stop and stop in free
+    before = tiny.stats.generated_tokens
+    stopped = tiny.generate(prompt, SamplingParams(max_new_tokens=40, stop=(stop,)))[0]
+    assert stopped == free[: free.index(stop)]
+    assert tiny.stats.generated_tokens - before < 40  # generation really stopped early
+
+
+def test_seed_makes_sampling_reproducible(tiny: HFModel) -> None:
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=7, n=2)
+    a = tiny.generate(PROMPTS, params)
+    b = tiny.generate(PROMPTS, params)
+    assert a == b
+    assert len(a) == len(PROMPTS) * 2
+    assert a[0] != a[1]  # two samples of one prompt differ
+    assert tiny.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=16, seed=8, n=2)) != a
+    # a prompt's samples do not depend on what else is in the batch (resume/sharding safety)
+    alone = tiny.generate([PROMPTS[2]], params)
+    assert alone == a[4:6]
+
+
+def test_tiny_top_p_is_greedy(tiny: HFModel) -> None:
+    greedy = tiny.generate(PROMPTS[:2], SamplingParams(max_new_tokens=12))
+    nucleus = tiny.generate(PROMPTS[:2], SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12))
+    assert nucleus == greedy
+
+
+def test_sampling_follows_the_softmax(tiny: HFModel) -> None:
+    """Gumbel-max sampling: the empirical frequency of the top token matches its probability."""
+    context = "The first token:"
+    ids = torch.tensor([tiny.encode(context)])
+    with torch.no_grad():
+        logits = tiny.model(ids).logits[0, -1].float()
+    lo, hi = 1e-3, 10.0  # bisect the temperature that puts about half the mass on the top token
+    for _ in range(60):
+        temperature = math.sqrt(lo * hi)
+        if float(torch.softmax(logits / temperature, dim=-1).max()) > 0.5:
+            lo = temperature
+        else:
+            hi = temperature
+    top_p, top_id = torch.softmax(logits / temperature, dim=-1).max(dim=0)
+    n = 400
+    samples = tiny.generate([context], SamplingParams(temperature=temperature, max_new_tokens=1, n=n, seed=1))
+    top_text = tiny.tokenizer.decode([int(top_id)], skip_special_tokens=True)
+    freq = sum(s == top_text for s in samples) / n
+    p = float(top_p)
+    assert 0.05 < p < 0.95, "pick a temperature that gives an informative test"
+    assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_new_tokens": 0}, {"n": 0},
+     {"seed": -3}, {"stop": ("",)}, {"temperature": float("nan")}],
+)
+def test_bad_sampling_values(kwargs: dict) -> None:
+    with pytest.raises(UserError, match="sampling parameter"):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts(tiny: HFModel) -> None:
+    with pytest.raises(UserError):
+        tiny.generate("not a list", SamplingParams())
+    with pytest.raises(UserError, match="message 0"):
+        tiny.generate([[{"role": "robot", "content": "x"}]], SamplingParams())
+
+
+def test_model_without_chat_template(tiny_model_dir, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    model = HFModel(tiny_model_dir, tokenizer=tok)
+    assert model.generate(["raw text works"], SamplingParams(max_new_tokens=3))
+    with pytest.raises(UserError, match="no chat template"):
+        model.generate([[{"role": "user", "content": "hi"}]], SamplingParams())
