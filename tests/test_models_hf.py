@@ -121,7 +121,7 @@ def test_tiny_top_p_is_greedy(tiny: HFModel) -> None:
 
 
 def test_sampling_follows_the_softmax(tiny: HFModel) -> None:
-    """Gumbel-max sampling: the empirical frequency of the top token matches its probability."""
+    """Seeded inverse-CDF sampling: the empirical frequency of the top token matches its probability."""
     context = "The first token:"
     ids = torch.tensor([tiny.encode(context)])
     with torch.no_grad():
@@ -169,3 +169,48 @@ def test_model_without_chat_template(tiny_model_dir, tmp_path) -> None:
     assert model.generate(["raw text works"], SamplingParams(max_new_tokens=3))
     with pytest.raises(UserError, match="no chat template"):
         model.generate([[{"role": "user", "content": "hi"}]], SamplingParams())
+
+
+FEW_SHOT = "".join(
+    f"Example {i}: a question about topic {i} and a careful, helpful answer to it.\n" for i in range(12)
+)
+
+
+def test_shared_prefix_is_computed_once_and_changes_nothing(tiny: HFModel) -> None:
+    prompts = [FEW_SHOT + f"Now the real question number {i}{'?' * i}" for i in range(6)]
+    contexts = [p + " The answer is: (" for p in prompts]
+    params = SamplingParams(max_new_tokens=10)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=4)
+    tiny.min_shared_prefix = 10**9  # sharing off: the reference computation
+    try:
+        ref_gen, ref_sample = tiny.generate(prompts, params), tiny.generate(prompts, sampled)
+        ref_score = tiny.score(contexts, ["A", "B"])
+        ref_multi = tiny.score(contexts, [" one option", " another longer option"])
+    finally:
+        tiny.min_shared_prefix = 32
+    before = tiny.stats.forward_passes
+    score = tiny.score(contexts, ["A", "B"])
+    assert tiny.stats.forward_passes - before == 2  # the prefix once, then all suffixes at once
+    assert tiny.generate(prompts, params) == ref_gen
+    assert tiny.generate(prompts, sampled) == ref_sample
+    for got, want in zip(score + tiny.score(contexts, [" one option", " another longer option"]),
+                         ref_score + ref_multi, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_shared_prefix_is_reused_across_batches(tiny: HFModel) -> None:
+    contexts = [FEW_SHOT + f"Question {i} " * (1 + i % 3) + "The answer is: (" for i in range(8)]
+    tiny.min_shared_prefix = 10**9
+    try:
+        ref = tiny.score(contexts, ["A", "B"])
+    finally:
+        tiny.min_shared_prefix = 32
+    tiny.max_batch_size = 3
+    before = tiny.stats.forward_passes
+    try:
+        got = tiny.score(contexts, ["A", "B"])
+    finally:
+        tiny.max_batch_size = 64
+    assert tiny.stats.forward_passes - before == 1 + 3  # one prefix pass, three batches
+    for g, w in zip(got, ref, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)

@@ -37,6 +37,9 @@ from constitutional.cli_data import constitution_app, prompts_app
 
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(prompts_app, name="prompts")
+from constitutional.cli_sl import sl_app  # noqa: E402
+
+app.add_typer(sl_app, name="sl")
 
 
 # ------------------------------------------------------------------------------------------------

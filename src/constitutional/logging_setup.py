@@ -30,6 +30,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+        try:
             import transformers
 
             transformers.logging.set_verbosity_error()

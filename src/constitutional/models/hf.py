@@ -3,19 +3,26 @@
 * Prompts are tokenized once, sorted by length and cut into batches bounded by a token budget
   (``rows × (longest prompt + max_new_tokens) ≤ max_batch_tokens``), left-padded, and run through
   ``model.generate``. There is no loop over single sequences.
-* Sampling is *per-row seeded*: a logits processor adds Gumbel noise drawn from a generator seeded
-  by (seed, prompt, sample index), and decoding takes the argmax. ``argmax(logits / T + Gumbel)``
-  is an exact sample from ``softmax(logits / T)``, and it does not depend on which other prompts
-  share the batch — so resumed or sharded runs reproduce a single-process run.
+* Sampling is *per-row seeded*: a logits processor draws one uniform number per row and step from
+  a generator seeded by (seed, prompt, sample index) and samples by inverse CDF; decoding then
+  takes the argmax. The sample is exact, and it does not depend on which other prompts share the
+  batch — so resumed or sharded runs reproduce a single-process run.
 * ``score`` reads option log-probabilities. When every option of a context is one token, all of
   them are read from one forward pass over the context (``logits_to_keep=1``).
+* **Shared prefixes** (a few-shot block in front of every prompt) are computed once: when the rows
+  of a batch share at least ``min_shared_prefix`` leading tokens, their KV cache is computed for
+  one row, repeated across the batch, and only the per-row suffixes run through the model. Rows
+  are laid out as ``[prefix][padding][suffix]``; position ids come from the attention mask, so the
+  result equals the unshared computation.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +61,55 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+@dataclass
+class _Batch:
+    """A laid-out batch: full ids and mask, the ids still to run, and the shared-prefix cache."""
+
+    ids: torch.Tensor  # [rows, shared + width]
+    mask: torch.Tensor  # same shape
+    new_ids: torch.Tensor  # the part not covered by ``cache``
+    cache: Any  # a KV cache of the shared prefix, repeated per row, or None
+    shared: int  # length of the shared prefix (0 when not shared)
+
+
+def _shared_prefix_len(seqs: Sequence[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        tok = first[i]
+        if any(s[i] != tok for s in seqs[1:]):
+            return i
+    return n
+
+
+class StopOnStrings:
+    """A stopping criterion: a row is finished once its generated text contains a stop string.
+
+    transformers' own ``stop_strings`` rebuilds a vocabulary-sized table on every ``generate``
+    call (seconds for a 49k vocabulary), so we check the decoded tail of each row instead: a few
+    tokens per row and step, enough to cover the longest stop string.
+    """
+
+    def __init__(self, stops: Sequence[str], tokenizer: Any, prompt_width: int) -> None:
+        self.stops = list(stops)
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.window = max(len(s) for s in self.stops) + 2  # tokens are at least one character
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=False)
+        done = [any(s in t for s in self.stops) for t in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class SeededSampler:
     """A logits processor that turns greedy decoding into per-row seeded sampling.
 
-    For each row it applies temperature and nucleus (top-p) filtering, then adds Gumbel noise from
-    that row's own generator. The generate loop's argmax is then a sample from the filtered
-    distribution. Each row draws one noise vector per step, so its samples depend only on its seed.
+    For each row it applies temperature and nucleus (top-p) filtering, draws one uniform number
+    from that row's own generator, and picks the token where it falls in the cumulative
+    distribution (inverse-CDF sampling, exact). Every other score is set to -inf, so the generate
+    loop's argmax returns the sampled token. Each row draws one number per step, so its samples
+    depend only on its seed, never on the rest of the batch.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
@@ -68,20 +118,24 @@ class SeededSampler:
         self.top_p = top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
-            sorted_scores, idx = scores.sort(dim=-1, descending=True)
-            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            sorted_probs, idx = probs.sort(dim=-1, descending=True)
             # drop a token when the mass before it already reaches top_p (keep at least one)
-            drop = (cum - sorted_scores.softmax(dim=-1)) >= self.top_p
+            drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
             drop[..., 0] = False
-            scores = scores.scatter(-1, idx, sorted_scores.masked_fill(drop, float("-inf")))
-        vocab = scores.shape[-1]
-        uniform = torch.stack(
-            [torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators]
-        ).to(scores.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-16))).float()
-        return scores + gumbel
+            probs = probs.scatter(-1, idx, sorted_probs.masked_fill(drop, 0.0))
+        cdf = probs.double().cumsum(dim=-1)
+        u = torch.tensor([float(torch.rand(1, generator=g, dtype=torch.float64)) for g in
+                          self.generators], dtype=torch.float64, device=cdf.device)
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+        choice = choice.clamp_(max=cdf.shape[-1] - 1)
+        # never land on a zero-probability token through rounding at the top of the CDF
+        zero = probs.gather(-1, choice) <= 0
+        if zero.any():
+            choice = torch.where(zero, probs.argmax(dim=-1, keepdim=True), choice)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, choice, 0.0)
 
 
 class HFModel(LanguageModel):
@@ -97,6 +151,7 @@ class HFModel(LanguageModel):
         trust_remote_code: bool = False,
         max_batch_tokens: int = 32768,
         max_batch_size: int = 64,
+        min_shared_prefix: int = 32,
         model: Any = None,
         tokenizer: Any = None,
     ) -> None:
@@ -106,6 +161,7 @@ class HFModel(LanguageModel):
         self.device = resolve_device(device)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.min_shared_prefix = min_shared_prefix
         self.stats = ModelStats()
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -192,12 +248,54 @@ class HFModel(LanguageModel):
             mask[r, width - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _layout(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any]) -> _Batch:
+        """Lay out a batch, splitting off a shared prefix whose KV cache is computed once.
+
+        ``caches`` maps prefixes to their single-row KV cache and is reused across the batches of
+        one call.
+        """
+        # reuse the prefix cached by an earlier batch of this call when every row extends it
+        prefix = next(
+            (p for p in caches if all(len(s) > len(p) and tuple(s[: len(p)]) == p for s in seqs)),
+            None,
+        )
+        if prefix is None:
+            shared = _shared_prefix_len(seqs) if len(seqs) > 1 else 0
+            shared = min(shared, min(len(s) for s in seqs) - 1)  # every row keeps >= 1 own token
+            if shared < self.min_shared_prefix:
+                ids, mask = self._left_pad(seqs)
+                return _Batch(ids, mask, ids, None, 0)
+            prefix = tuple(seqs[0][:shared])
+            caches.clear()  # one prefix at a time: a few-shot block repeats across batches
+            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+            caches[prefix] = out.past_key_values
+            self.stats.forward_passes += 1
+        shared = len(prefix)
+        cache = copy.deepcopy(caches[prefix])
+        cache.batch_repeat_interleave(len(seqs))
+        suffix_ids, suffix_mask = self._left_pad([s[shared:] for s in seqs])
+        prefix_ids = torch.tensor([prefix] * len(seqs), dtype=torch.long, device=self.device)
+        ids = torch.cat([prefix_ids, suffix_ids], dim=1)
+        mask = torch.cat([torch.ones_like(prefix_ids), suffix_mask], dim=1)
+        return _Batch(ids, mask, suffix_ids, cache, shared)
+
+    def _forward(self, batch: _Batch, keep: int) -> torch.Tensor:
+        """Logits of the last ``keep`` positions of every row."""
+        kwargs: dict[str, Any] = {}
+        if batch.cache is not None:
+            positions = (batch.mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs = {"past_key_values": batch.cache, "position_ids": positions[:, batch.shared :]}
+        out = self.model(input_ids=batch.new_ids, attention_mask=batch.mask, logits_to_keep=keep,
+                         use_cache=batch.cache is not None, **kwargs)
+        self.stats.forward_passes += 1
+        return out.logits
+
     # ----------------------------------------------------------------------------------------
     # generate
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[str]:
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         validate_prompts(prompts)
         t0 = time.perf_counter()
@@ -212,24 +310,29 @@ class HFModel(LanguageModel):
             num_beams=1,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
-            stop_strings=list(params.stop) or None,
         )
+        caches: dict[tuple[int, ...], Any] = {}
         for batch in self._batches([len(encoded[i]) for i, _ in rows], params.max_new_tokens):
             batch_rows = [rows[b] for b in batch]
-            ids, mask = self._left_pad([encoded[i] for i, _ in batch_rows])
+            laid = self._layout([encoded[i] for i, _ in batch_rows], caches)
+            ids, mask = laid.ids, laid.mask
             processors = LogitsProcessorList()
             if not params.greedy:
                 seeds = [sample_seed(params.seed, prompts[i], k) for i, k in batch_rows]
                 processors.append(SeededSampler(seeds, params.temperature, params.top_p))
+            stopping = StoppingCriteriaList()
+            if params.stop:
+                stopping.append(StopOnStrings(params.stop, self.tokenizer, ids.shape[1]))
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
+                past_key_values=laid.cache,
                 generation_config=config,
                 logits_processor=processors,
-                tokenizer=self.tokenizer if params.stop else None,
+                stopping_criteria=stopping,
             )
             self.stats.forward_passes += out.shape[1] - ids.shape[1]
-            self.stats.prompt_tokens += int(mask.sum())
+            self.stats.prompt_tokens += int(mask.sum()) - laid.shared * (len(batch_rows) - 1)
             for row, new in zip(batch_rows, out[:, ids.shape[1] :].tolist(), strict=True):
                 n_tokens = next(
                     (t for t, tok in enumerate(new) if tok in self.eos_ids), len(new)
@@ -259,13 +362,12 @@ class HFModel(LanguageModel):
         result: list[list[float]] = [[0.0] * len(o) for o in opts]
 
         # Fast path: every option of the context is a single token -> one pass over the context.
+        caches: dict[tuple[int, ...], Any] = {}
         single = [i for i, cs in enumerate(conts) if all(len(c) == 1 for c in cs)]
         for batch in self._batches([len(ctx_ids[i]) for i in single], 0):
             idx = [single[b] for b in batch]
-            ids, mask = self._left_pad([ctx_ids[i] for i in idx])
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            logits = self._forward(self._layout([ctx_ids[i] for i in idx], caches), keep=1)
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
-            self.stats.forward_passes += 1
             for r, i in enumerate(idx):
                 result[i] = [float(logp[r, c[0]]) for c in conts[i]]
 
@@ -280,10 +382,8 @@ class HFModel(LanguageModel):
             rows_per_chunk = max(1, (1 << 28) // (keep * vocab))
             for start in range(0, len(batch), rows_per_chunk):
                 chunk = batch[start : start + rows_per_chunk]
-                ids, mask = self._left_pad([seqs[b] for b in chunk])
-                logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+                logits = self._forward(self._layout([seqs[b] for b in chunk], caches), keep=keep)
                 logp = torch.log_softmax(logits.float(), dim=-1)
-                self.stats.forward_passes += 1
                 for r, b in enumerate(chunk):
                     i, j = multi[b]
                     cont = conts[i][j]

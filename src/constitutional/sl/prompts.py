@@ -1,0 +1,174 @@
+"""Every SL-CAI prompt text is built here: the few-shot block, critique and revision turns.
+
+Two layouts:
+
+* ``chat`` (chat models): each step is a user/assistant turn — the user asks, the assistant
+  answers, the user sends the critique request, the assistant critiques, the user sends the
+  revision request, the assistant revises. Few-shot demonstrations are the same turns, first.
+* ``text`` (pretrained base models): the paper's transcript format, one raw string::
+
+      Human: …
+      Assistant: …
+      CritiqueRequest: …
+      Critique: …
+      RevisionRequest: …
+      Revision: …
+
+In both, the few-shot block comes first and is byte-identical for every sample, so the `hf`
+backend computes it once per batch and an OpenAI-compatible server's prefix cache hits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from constitutional.constitution import CritiqueRevisionExample
+from constitutional.models.base import Message, Prompt
+
+FORMATS = ("chat", "text")
+
+#: Generation stops where a fake next turn begins.
+STOP = {
+    "chat": ("<|im_start|>", "\nHuman:", "\nUser:", "\nCritiqueRequest:", "\nRevisionRequest:"),
+    "text": ("\n\nHuman:", "\nHuman:", "\n\nAssistant:", "\nCritiqueRequest:",
+             "\nRevisionRequest:", "\nCritique:", "\nRevision:"),
+}
+
+_TEXT_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+@dataclass(frozen=True)
+class Round:
+    """One critique→revision round. A part that is still ``None`` is what is asked for next.
+
+    In the "direct revision" ablation ``critique_request`` and ``critique`` are both ``None``.
+    """
+
+    critique_request: str | None
+    critique: str | None = None
+    revision_request: str | None = None
+    revision: str | None = None
+
+
+def demo_round(example: CritiqueRevisionExample, with_critique: bool) -> Round:
+    if not with_critique:
+        return Round(None, None, example.revision_request, example.revision)
+    return Round(example.critique_request, example.critique, example.revision_request,
+                 example.revision)
+
+
+def build_context(
+    fmt: str,
+    few_shot: Sequence[CritiqueRevisionExample],
+    conversation: Sequence[Message],
+    answer: str | None = None,
+    rounds: Sequence[Round] = (),
+    *,
+    with_critique: bool = True,
+) -> Prompt:
+    """The context that asks for the next step.
+
+    ``conversation`` is the red-team context (ending in a user turn). With ``answer=None`` the
+    initial answer is asked for; otherwise the first missing part of the last round is.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}")
+    demos = [(list(ex.messages[:-1]), ex.messages[-1]["content"], [demo_round(ex, with_critique)])
+             for ex in few_shot]
+    if fmt == "chat":
+        messages: list[Message] = []
+        for demo in demos:
+            messages += _turns(*demo)
+        return messages + _turns(list(conversation), answer, list(rounds))
+    parts = [_text(*demo) for demo in demos]
+    parts.append(_text(list(conversation), answer, list(rounds)))
+    return "\n\n".join(parts)
+
+
+def _steps(answer: str | None, rounds: list[Round]) -> list[tuple[str, str | None]]:
+    """The sequence of (kind, text) after the conversation; text None = asked for, stop there."""
+    steps: list[tuple[str, str | None]] = [("answer", answer)]
+    if answer is None:
+        return steps
+    for r in rounds:
+        if r.critique_request is not None:
+            steps += [("critique_request", r.critique_request), ("critique", r.critique)]
+            if r.critique is None:
+                return steps
+        steps += [("revision_request", r.revision_request or ""), ("revision", r.revision)]
+        if r.revision is None:
+            return steps
+    return steps
+
+
+_CHAT_ROLE = {"answer": "assistant", "critique_request": "user", "critique": "assistant",
+              "revision_request": "user", "revision": "assistant"}
+_TEXT_LABEL = {"answer": "Assistant", "critique_request": "CritiqueRequest",
+               "critique": "Critique", "revision_request": "RevisionRequest",
+               "revision": "Revision"}
+_ROLE_LABEL = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def _turns(conv: list[Message], answer: str | None, rounds: list[Round]) -> list[Message]:
+    turns = list(conv)
+    for kind, text in _steps(answer, rounds):
+        if text is None:
+            break
+        turns.append({"role": _CHAT_ROLE[kind], "content": text})
+    return turns
+
+
+def _text(conv: list[Message], answer: str | None, rounds: list[Round]) -> str:
+    lines = [f"{_ROLE_LABEL[m['role']]}: {m['content']}" for m in conv]
+    for kind, text in _steps(answer, rounds):
+        if text is None:
+            return "\n\n".join(lines) + f"\n\n{_TEXT_LABEL[kind]}:"
+        lines.append(f"{_TEXT_LABEL[kind]}: {text}")
+    return "\n\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# output hygiene
+
+_BOILERPLATE = re.compile(
+    r"""^\s*(?:
+        (?:sure|okay|ok|certainly|of\ course|absolutely)[,!.]?\s*
+      )?(?:
+        (?:here(?:'s|\ is|\ are)|below\ is)\s+(?:a|the|my|an)?\s*(?:revised|rewritten|updated|new|improved)?
+        \s*(?:version|response|reply|answer|revision)(?:\s+of\ the\ (?:response|reply|answer))?
+        (?:\s+that[^:\n]{0,120})?\s*[:.]
+      | (?:revised|rewritten|updated|improved|new)\s+(?:response|reply|answer|version)\s*:
+      | revision\s*:
+      )\s*""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def clean_revision(text: str) -> str:
+    """Strip "Sure, here is a revised response:"-style lead-ins and wrapping quotes."""
+    text = text.strip()
+    for _ in range(2):
+        stripped = _BOILERPLATE.sub("", text, count=1).strip()
+        if stripped == text:
+            break
+        text = stripped
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def degenerate_reason(text: str, *, min_chars: int = 2) -> str | None:
+    """Why an output is unusable (empty, too short, a loop), or None if it is fine."""
+    if len(text.strip()) < min_chars:
+        return "empty"
+    words = text.split()
+    if len(words) >= 24:
+        distinct = len(set(words)) / len(words)
+        if distinct < 0.2:
+            return "repetitive"
+    # the same 20+ character chunk repeated four or more times in a row
+    if re.search(r"(.{20,}?)\1{3,}", text, re.DOTALL):
+        return "repetitive"
+    return None

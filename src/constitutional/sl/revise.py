@@ -1,0 +1,394 @@
+"""SL-CAI data generation: answer red-team prompts, then critique and revise, N rounds.
+
+The stage runs **round-wise and batched across all prompts**: every initial answer, then every
+first critique, then every first revision, and so on. Each call to the model gets a whole chunk of
+prompts, which the backend sorts by length and batches; the few-shot block comes first and is the
+same for every sample, so the `hf` backend computes its KV cache once per batch.
+
+**Resumable.** Every finished step of every record is appended (fsynced) to
+``revise.steps.jsonl`` as its chunk completes. Killing the process at any moment and re-running
+the same command continues where it stopped: finished steps are read back, missing ones are
+computed. Sampling is seeded per prompt (see :class:`~constitutional.models.SamplingParams`), and
+a record's principles are drawn from ``(seed, prompt id, round)``, so a partly finished round is
+recomputed exactly as an uninterrupted run would have computed it.
+
+Outputs in the run directory (JSONL, loadable with ``datasets.load_dataset("json", …)``):
+
+* ``revise.traces.jsonl`` — one full trace per prompt: prompt id and messages, the initial
+  answer, each round's principle id, critique and revision, model spec, sampling and seed;
+* ``revise.sft.jsonl`` — TRL ``prompt``/``completion`` conversational rows (final revision, or
+  every revision with ``sft_revisions="all"`` as the paper did);
+* ``revise.prefs.jsonl`` — ``prompt``/``chosen``/``rejected`` (final revision vs initial answer),
+  usable as-is by TRL's DPOTrainer;
+* ``revise.summary.json`` — counts, tokens, tokens/s, degenerate outputs, wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution
+from constitutional.errors import UserError
+from constitutional.logging_setup import err_console
+from constitutional.models import LanguageModel, SamplingParams, load_model
+from constitutional.sl.prompts import (
+    FORMATS,
+    STOP,
+    Round,
+    build_context,
+    clean_revision,
+    degenerate_reason,
+)
+from constitutional.sources import PromptRecord, load_prompts
+from constitutional.store import (
+    JsonlStore,
+    RunDir,
+    atomic_write_jsonl,
+    atomic_write_text,
+    stable_hash,
+)
+
+log = logging.getLogger(__name__)
+
+STEPS_FILE = "revise.steps.jsonl"
+TRACES_FILE = "revise.traces.jsonl"
+SFT_FILE = "revise.sft.jsonl"
+PREFS_FILE = "revise.prefs.jsonl"
+SUMMARY_FILE = "revise.summary.json"
+
+
+@dataclass
+class ReviseConfig:
+    """Settings of ``cai sl revise``. Everything but ``out``/``chunk_size`` is pinned in the run."""
+
+    prompts: str
+    model: str
+    out: str
+    constitution: str = "default"
+    revisions: int = 4
+    few_shot: int = 3
+    critique: bool = True  # False: the paper's "direct revision" ablation
+    prompt_format: str = "chat"  # chat (chat models) or text (the paper's transcript, base models)
+    history: str = "full"  # full: later rounds see earlier ones (the paper); latest: only the last
+    tags: list[str] = field(default_factory=list)  # sample principles with these tags only
+    limit: int | None = None
+    prompt_seed: int | None = None  # sample `limit` prompts with this seed (else the first ones)
+    field: str | None = None
+    split: str | None = None
+    seed: int = 0
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    critique_max_new_tokens: int = 192
+    sft_revisions: str = "final"  # final | all
+    chunk_size: int = 64
+
+    def validate(self) -> None:
+        if self.revisions < 1:
+            raise UserError(f"must be at least 1, got {self.revisions}", field="revisions")
+        if self.few_shot < 0:
+            raise UserError(f"must be at least 0, got {self.few_shot}", field="few_shot")
+        if self.prompt_format not in FORMATS:
+            raise UserError(f"must be one of {FORMATS}", field="prompt_format")
+        if self.history not in ("full", "latest"):
+            raise UserError("must be full or latest", field="history")
+        if self.sft_revisions not in ("final", "all"):
+            raise UserError("must be final or all", field="sft_revisions")
+        if self.chunk_size < 1:
+            raise UserError("must be at least 1", field="chunk_size")
+        self.answer_params()  # validates the sampling values
+
+    def pinned(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("out", "chunk_size", "sft_revisions"):
+            d.pop(k)
+        return d
+
+    def answer_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens, seed=self.seed,
+                              stop=STOP[self.prompt_format])
+
+    def critique_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.critique_max_new_tokens, seed=self.seed,
+                              stop=STOP[self.prompt_format])
+
+
+@dataclass
+class ReviseResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    traces: list[dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------------
+# state of one record, rebuilt from its finished steps
+
+
+@dataclass
+class _Record:
+    id: str
+    prompt: PromptRecord
+    principles: list[CritiquePrinciple]
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # step key -> step record
+
+    def text(self, key: str) -> str | None:
+        step = self.steps.get(key)
+        return None if step is None else step["text"]
+
+    def rounds(self, upto: int, pending: str | None, with_critique: bool,
+               history: str) -> list[Round]:
+        """Finished rounds 1..upto-1 plus round ``upto`` filled up to the ``pending`` part."""
+        rounds = []
+        for r in range(1, upto + 1):
+            p = self.principles[r - 1]
+            crit_req = p.critique if with_critique else None
+            critique = self.text(f"critique:{r}") if with_critique else None
+            if r == upto and pending == "critique":
+                rounds.append(Round(crit_req))
+                break
+            revision = None if (r == upto and pending == "revision") else self.text(f"revision:{r}")
+            rounds.append(Round(crit_req, critique, p.revision, revision))
+        if history == "latest" and len(rounds) > 1:
+            return rounds[-1:]
+        return rounds
+
+    def current_answer(self, upto: int, history: str) -> str:
+        """The answer the next round critiques: the initial one, or with history=latest the
+        latest usable revision."""
+        answer = self.text("answer") or ""
+        if history == "latest":
+            for r in range(upto - 1, 0, -1):
+                step = self.steps.get(f"revision:{r}")
+                if step and not step["degenerate"]:
+                    return step["text"]
+        return answer
+
+
+def _step_keys(revisions: int, with_critique: bool) -> list[str]:
+    keys = ["answer"]
+    for r in range(1, revisions + 1):
+        if with_critique:
+            keys.append(f"critique:{r}")
+        keys.append(f"revision:{r}")
+    return keys
+
+
+def choose_few_shot(constitution: Constitution, k: int, seed: int) -> list[Any]:
+    examples = list(constitution.critique_examples)
+    if k > len(examples):
+        raise UserError(
+            f"asked for {k} few-shot demonstrations but the constitution has {len(examples)}",
+            field="few_shot",
+        )
+    rng = random.Random(stable_hash(seed, "few-shot"))
+    return rng.sample(examples, k) if k else []
+
+
+def sample_principles(constitution: Constitution, seed: int, prompt_id: str,
+                      revisions: int) -> list[CritiquePrinciple]:
+    """One principle per round, drawn at random; reproducible from (seed, prompt id, round)."""
+    return [
+        constitution.sample_critiques(random.Random(stable_hash(seed, prompt_id, r)), 1)[0]
+        for r in range(1, revisions + 1)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+
+
+def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
+           show_progress: bool = True) -> ReviseResult:
+    """Run (or resume) SL-CAI critique→revision generation into ``config.out``."""
+    config.validate()
+    t_start = time.perf_counter()
+    run = RunDir(config.out)
+    constitution = load_constitution(config.constitution)
+    if config.tags:
+        constitution = constitution.filter(tags=config.tags)
+    if not constitution.critiques:
+        raise UserError("the constitution has no critique/revision principles",
+                        field="constitution")
+    few_shot = choose_few_shot(constitution, config.few_shot, config.seed)
+    prompts = load_prompts(config.prompts, field=config.field, limit=config.limit,
+                           seed=config.prompt_seed, split=config.split)
+    prompts = [p for p in prompts if p.messages and p.messages[-1]["role"] == "user"]
+    if not prompts:
+        raise UserError("no prompts that end in a user turn", file=config.prompts)
+    run.pin_config("revise", config.pinned())
+    key = stable_hash(config.pinned())
+
+    store = JsonlStore(run / STEPS_FILE)
+    records = []
+    for p in prompts:
+        rid = stable_hash(key, p.id)
+        rec = _Record(rid, p, sample_principles(constitution, config.seed, p.id, config.revisions))
+        for step in _step_keys(config.revisions, config.critique):
+            done = store.get(f"{rid}:{step}")
+            if done is not None:
+                rec.steps[step] = done
+        records.append(rec)
+    resumed = sum(len(r.steps) for r in records)
+    if resumed:
+        log.info("resuming: %d finished steps found in %s", resumed, run / STEPS_FILE)
+
+    lm = model or load_model(config.model)
+    tokens_before, seconds_before = lm.stats.generated_tokens, lm.stats.seconds
+    step_counts: Counter[str] = Counter()
+    degenerate: Counter[str] = Counter()
+    progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err_console, disable=not show_progress,
+                        transient=False)
+    with progress:
+        for step in _step_keys(config.revisions, config.critique):
+            todo = [r for r in records if step not in r.steps]
+            task = progress.add_task(step.replace(":", " "), total=len(records),
+                                     completed=len(records) - len(todo))
+            for start in range(0, len(todo), config.chunk_size):
+                chunk = todo[start : start + config.chunk_size]
+                finished = _run_step(lm, config, few_shot, chunk, step)
+                store.append(finished)
+                for rec, step_rec in zip(chunk, finished, strict=True):
+                    rec.steps[step] = step_rec
+                step_counts[step.split(":")[0]] += len(chunk)
+                progress.advance(task, len(chunk))
+    for rec in records:
+        for step_key, step_rec in rec.steps.items():
+            if step_rec["degenerate"]:
+                degenerate[step_key.split(":")[0]] += 1
+
+    traces = [_trace(rec, config, few_shot) for rec in records]
+    _write_outputs(run, traces, config)
+    generated = lm.stats.generated_tokens - tokens_before
+    gen_seconds = lm.stats.seconds - seconds_before
+    summary = {
+        "prompts": len(records),
+        "revisions": config.revisions,
+        "steps_computed": dict(step_counts),
+        "steps_resumed": resumed,
+        "generated_tokens": generated,
+        "generation_seconds": round(gen_seconds, 2),
+        "tokens_per_second": round(generated / gen_seconds, 1) if gen_seconds else None,
+        "degenerate": {k: degenerate.get(k, 0) for k in ("answer", "critique", "revision")},
+        "with_final_revision": sum(t["final"] is not None for t in traces),
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "model": lm.spec,
+    }
+    atomic_write_text(run / SUMMARY_FILE, _json(summary))
+    return ReviseResult(run.path, summary, traces)
+
+
+def _run_step(lm: LanguageModel, config: ReviseConfig, few_shot: Sequence[Any],
+              chunk: list[_Record], step: str) -> list[dict[str, Any]]:
+    kind, _, round_str = step.partition(":")
+    r = int(round_str) if round_str else 0
+    contexts = []
+    for rec in chunk:
+        conversation = rec.prompt.messages
+        if kind == "answer":
+            contexts.append(build_context(config.prompt_format, few_shot, conversation,
+                                          with_critique=config.critique))
+            continue
+        rounds = rec.rounds(r, kind, config.critique, config.history)
+        answer = rec.current_answer(r, config.history)
+        contexts.append(build_context(config.prompt_format, few_shot, conversation, answer,
+                                      rounds, with_critique=config.critique))
+    params = config.critique_params() if kind == "critique" else config.answer_params()
+    outputs = lm.generate(contexts, params)
+    finished = []
+    for rec, raw in zip(chunk, outputs, strict=True):
+        text = clean_revision(raw) if kind == "revision" else raw.strip()
+        step_rec: dict[str, Any] = {
+            "id": f"{rec.id}:{step}", "record": rec.id, "step": kind, "round": r,
+            "text": text, "degenerate": degenerate_reason(text),
+        }
+        if kind != "answer":
+            step_rec["principle"] = rec.principles[r - 1].id
+        if text != raw:
+            step_rec["raw"] = raw
+        finished.append(step_rec)
+    return finished
+
+
+def _trace(rec: _Record, config: ReviseConfig, few_shot: Sequence[Any]) -> dict[str, Any]:
+    rounds = []
+    final = None
+    for r in range(1, config.revisions + 1):
+        p = rec.principles[r - 1]
+        revision = rec.steps[f"revision:{r}"]
+        rounds.append({
+            "round": r,
+            "principle": p.id,
+            "critique_request": p.critique if config.critique else None,
+            "critique": rec.text(f"critique:{r}") if config.critique else None,
+            "revision_request": p.revision,
+            "revision": revision["text"],
+            "degenerate": revision["degenerate"],
+        })
+        if not revision["degenerate"]:
+            final = revision["text"]
+    answer = rec.steps["answer"]
+    return {
+        "id": rec.id,
+        "prompt_id": rec.prompt.id,
+        "prompt": rec.prompt.messages,
+        "source": rec.prompt.source,
+        "initial": answer["text"],
+        "initial_degenerate": answer["degenerate"],
+        "rounds": rounds,
+        "final": final,
+        "model": config.model,
+        "constitution": config.constitution,
+        "few_shot": [ex.id for ex in few_shot],
+        "sampling": config.answer_params().to_dict(),
+        "seed": config.seed,
+    }
+
+
+def _write_outputs(run: RunDir, traces: list[dict[str, Any]], config: ReviseConfig) -> None:
+    atomic_write_jsonl(run / TRACES_FILE, traces)
+    atomic_write_jsonl(run / SFT_FILE, sft_rows(traces, config.sft_revisions))
+    atomic_write_jsonl(run / PREFS_FILE, preference_rows(traces))
+
+
+def sft_rows(traces: Sequence[dict[str, Any]], which: str = "final") -> list[dict[str, Any]]:
+    """TRL conversational prompt/completion rows: the prompt and a revision (final, or all)."""
+    rows = []
+    for t in traces:
+        if which == "all":
+            texts = [r["revision"] for r in t["rounds"] if not r["degenerate"]]
+        else:
+            texts = [t["final"]] if t["final"] is not None else []
+        for i, text in enumerate(texts):
+            rows.append({"id": f"{t['id']}:{i}", "prompt": t["prompt"],
+                         "completion": [{"role": "assistant", "content": text}]})
+    return rows
+
+
+def preference_rows(traces: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """prompt/chosen/rejected rows (final revision over initial answer) for TRL's DPOTrainer."""
+    rows = []
+    for t in traces:
+        if t["final"] is None or t["initial_degenerate"] or t["final"] == t["initial"]:
+            continue
+        rows.append({"id": t["id"], "prompt": t["prompt"],
+                     "chosen": [{"role": "assistant", "content": t["final"]}],
+                     "rejected": [{"role": "assistant", "content": t["initial"]}]})
+    return rows
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
