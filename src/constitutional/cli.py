@@ -34,12 +34,14 @@ out = Console()
 # Sub-command groups live in their own modules and are registered here.
 # (keep this block: later stages add their groups below)
 from constitutional.cli_data import constitution_app, prompts_app
+from constitutional.cli_rl import eval_app, rl_app
+from constitutional.cli_sl import sl_app
 
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(prompts_app, name="prompts")
-from constitutional.cli_sl import sl_app  # noqa: E402
-
 app.add_typer(sl_app, name="sl")
+app.add_typer(rl_app, name="rl")
+app.add_typer(eval_app, name="eval")
 
 
 # ------------------------------------------------------------------------------------------------

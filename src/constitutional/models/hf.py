@@ -267,7 +267,8 @@ class HFModel(LanguageModel):
                 return _Batch(ids, mask, ids, None, 0)
             prefix = tuple(seqs[0][:shared])
             caches.clear()  # one prefix at a time: a few-shot block repeats across batches
-            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                             logits_to_keep=1)
             caches[prefix] = out.past_key_values
             self.stats.forward_passes += 1
         shared = len(prefix)

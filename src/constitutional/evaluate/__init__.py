@@ -1,0 +1,1 @@
+"""Evaluations. :mod:`.mc`: the paper's multiple-choice format (``cai eval mc``)."""

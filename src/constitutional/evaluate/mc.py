@@ -1,0 +1,328 @@
+"""``cai eval mc``: the paper's multiple-choice evaluations.
+
+The format (Bai et al. 2022; the paper's 438 HHH comparisons use it) is one JSON object per line::
+
+    {"prompt": "… (A) … (B) …\\n\\nThe answer is:", "corrects": [" (A)"], "incorrects": [" (B)"]}
+
+A row is **correct** when its best correct option's log-likelihood (summed over the option's
+tokens, given the prompt) is strictly higher than every incorrect option's. The accuracy is
+reported with a 95% Wilson score interval.
+
+* ``chat``: the prompt is sent through the model's chat template. A ``Human:``/``Assistant:``
+  transcript becomes those turns; otherwise the text before the final "The answer is:" is the user
+  turn and "The answer is:" starts the assistant turn, which the options continue.
+* ``debias``: the option blocks ``(A) …``, ``(B) …`` are parsed out of the prompt and their texts
+  put in reverse order (for two options: swapped), and the letters of the answer options are
+  mapped accordingly; each option's log-likelihood is the mean over the two letterings, so a
+  preference for a letter cancels out.
+* Rows are batched through ``score``; options that are single tokens are read from one forward
+  pass per row (per lettering).
+
+Per-row results (JSONL): ``id``, ``line``, ``correct``, ``corrects``, ``incorrects``,
+``logprobs_corrects``, ``logprobs_incorrects`` (the ones decided on: the mean over letterings with
+``debias``) and, with ``debias``, ``original`` and ``swapped`` (each with the prompt's own
+log-likelihoods).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from constitutional._files import read_utf8
+from constitutional.errors import UserError
+from constitutional.logging_setup import err_console
+from constitutional.models import LanguageModel, load_model
+from constitutional.models.base import Prompt
+from constitutional.sources import parse_hh_transcript
+from constitutional.store import atomic_write_jsonl, atomic_write_text, stable_hash
+
+log = logging.getLogger(__name__)
+
+ANSWER_PREFIX = "The answer is:"
+_MARKER = re.compile(r"(?m)^[ \t]*\(([A-Z])\)[ \t]?")
+_OPTION = re.compile(r"^(\s*\()([A-Z])(\)\s*)$")
+_BLOCK_END = re.compile(r"\n\s*\n(?=(?:Human|Assistant):)")
+
+
+@dataclass(frozen=True)
+class MCRow:
+    """One question: the prompt, and its correct and incorrect option continuations."""
+
+    line: int
+    prompt: str
+    corrects: list[str]
+    incorrects: list[str]
+
+    @property
+    def id(self) -> str:
+        return stable_hash(self.prompt, self.corrects, self.incorrects)
+
+
+@dataclass(frozen=True)
+class MCConfig:
+    model: str
+    chat: bool = False
+    debias: bool = False
+    limit: int | None = None
+    answer_prefix: str = ANSWER_PREFIX
+    chunk_size: int = 64  # rows sent to score() together
+
+
+@dataclass
+class MCResult:
+    accuracy: float
+    correct: int
+    n: int
+    ci95: tuple[float, float]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "rows"}
+        d["ci95"] = list(self.ci95)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+# the file
+
+
+def _options(value: Any, key: str, where: dict[str, Any]) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise UserError("expected a non-empty list of option strings", **where, field=key)
+    if not all(isinstance(v, str) and v for v in value):
+        raise UserError("every option must be a non-empty string", **where, field=key)
+    return list(value)
+
+
+def load_mc(path: str | Path, limit: int | None = None) -> list[MCRow]:
+    """Read and validate a multiple-choice file; errors name the file, line and field."""
+    path = Path(path).expanduser()
+    if limit is not None and limit < 1:
+        raise UserError(f"must be at least 1, got {limit}", field="limit")
+    text = read_utf8(path)
+    rows: list[MCRow] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where: dict[str, Any] = {"file": path, "line": number}
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", **where) from None
+        if not isinstance(data, dict):
+            raise UserError("expected a JSON object per line", **where)
+        for key in ("prompt", "corrects", "incorrects"):
+            if key not in data:
+                raise UserError("missing", **where, field=key)
+        if not isinstance(data["prompt"], str) or not data["prompt"].strip():
+            raise UserError("expected a non-empty string", **where, field="prompt")
+        rows.append(MCRow(number, data["prompt"], _options(data["corrects"], "corrects", where),
+                          _options(data["incorrects"], "incorrects", where)))
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise UserError("no rows", file=path, line=1)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts
+
+
+def chat_context(prompt: str, answer_prefix: str = ANSWER_PREFIX) -> Prompt:
+    """The prompt as a conversation (see the module docstring)."""
+    if prompt.lstrip().startswith("Human:"):
+        try:
+            messages = parse_hh_transcript(prompt)
+        except ValueError:
+            messages = []
+        if messages:
+            if messages[-1]["role"] == "user" and messages[-1]["content"].endswith(answer_prefix):
+                body = messages[-1]["content"][: -len(answer_prefix)].rstrip()
+                messages[-1]["content"] = body
+                messages.append({"role": "assistant", "content": answer_prefix})
+            return messages
+    body = prompt.rstrip()
+    if body.endswith(answer_prefix):
+        return [{"role": "user", "content": body[: -len(answer_prefix)].strip()},
+                {"role": "assistant", "content": answer_prefix}]
+    return [{"role": "user", "content": body.strip()}]
+
+
+def option_spans(prompt: str, answer_prefix: str = ANSWER_PREFIX) -> list[tuple[str, int, int]]:
+    """``(letter, start, end)`` of each option block's text: markers ``(A)``, ``(B)`` … at the
+    start of a line, in order from A. The last block ends at a blank line before a
+    ``Human:``/``Assistant:`` turn, at the line holding the final answer prefix, or at the end."""
+    markers = list(_MARKER.finditer(prompt))
+    # take the last run of markers A, B, C … (a conversation above may use letters too)
+    run: list[re.Match[str]] = []
+    for m in markers:
+        if m.group(1) == "A":
+            run = [m]
+        elif run and ord(m.group(1)) == ord(run[-1].group(1)) + 1:
+            run.append(m)
+    if len(run) < 2:
+        return []
+    tail_start = run[-1].end()
+    ends = [len(prompt)]
+    cut = prompt.rfind(answer_prefix)
+    if cut >= tail_start:
+        ends.append(prompt.rfind("\n", tail_start, cut) if "\n" in prompt[tail_start:cut]
+                    else cut)
+    turn = _BLOCK_END.search(prompt, tail_start)
+    if turn:
+        ends.append(turn.start())
+    bounds = [m.start() for m in run[1:]] + [min(ends)]
+    spans = []
+    for m, end in zip(run, bounds, strict=True):
+        start = m.end()
+        while end > start and prompt[end - 1].isspace():
+            end -= 1
+        spans.append((m.group(1), start, end))
+    return spans
+
+
+def swapped_row(row: MCRow, answer_prefix: str = ANSWER_PREFIX) -> tuple[MCRow, dict[str, str]]:
+    """``row`` with its option texts in reverse order and the answer letters mapped to match.
+
+    Returns the new row and the letter mapping (old letter → new letter)."""
+    spans = option_spans(row.prompt, answer_prefix)
+    where = {"file": None, "line": row.line}
+    if not spans:
+        raise UserError("--debias needs option blocks '(A) …', '(B) …' at line starts in the "
+                        "prompt", line=row.line, field="prompt")
+    letters = [letter for letter, _, _ in spans]
+    mapping = dict(zip(letters, reversed(letters), strict=True))
+    texts = {letter: row.prompt[s:e] for letter, s, e in spans}
+    prompt = row.prompt
+    for letter, s, e in reversed(spans):  # the text now at `letter` is the one mapped to it
+        source = next(old for old, new in mapping.items() if new == letter)
+        prompt = prompt[:s] + texts[source] + prompt[e:]
+
+    def remap(options: list[str], key: str) -> list[str]:
+        out = []
+        for option in options:
+            m = _OPTION.match(option)
+            if not m or m.group(2) not in mapping:
+                raise UserError(f"--debias needs options like ' (A)' naming one of the prompt's "
+                                f"options {', '.join(letters)}, got {option!r}", **where,
+                                field=key)
+            out.append(m.group(1) + mapping[m.group(2)] + m.group(3))
+        return out
+
+    return MCRow(row.line, prompt, remap(row.corrects, "corrects"),
+                 remap(row.incorrects, "incorrects")), mapping
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval for ``k`` successes out of ``n`` (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def is_correct(logprobs_corrects: Sequence[float], logprobs_incorrects: Sequence[float]) -> bool:
+    return max(logprobs_corrects) > max(logprobs_incorrects)
+
+
+def _score_rows(lm: LanguageModel, rows: Sequence[MCRow], config: MCConfig,
+                advance: Any) -> list[list[float]]:
+    out: list[list[float]] = []
+    for start in range(0, len(rows), config.chunk_size):
+        part = rows[start : start + config.chunk_size]
+        contexts: list[Prompt] = [chat_context(r.prompt, config.answer_prefix) if config.chat
+                                  else r.prompt for r in part]
+        out += lm.score(contexts, [[*r.corrects, *r.incorrects] for r in part])
+        advance(len(part))
+    return out
+
+
+def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
+                model: LanguageModel | None = None) -> MCResult:
+    """Score every row; return the accuracy, its 95% interval and per-row results."""
+    if not rows:
+        raise UserError("no rows to evaluate")
+    rows = list(rows[: config.limit] if config.limit else rows)
+    swaps = [swapped_row(r, config.answer_prefix) for r in rows] if config.debias else []
+    lm = model or load_model(config.model)
+    t0 = time.perf_counter()
+    before = lm.stats.to_dict()
+    total = len(rows) * (2 if config.debias else 1)
+    bar = Progress(console=err_console, transient=True, disable=not err_console.is_terminal)
+    with bar:
+        task = bar.add_task("multiple choice", total=total)
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+
+        scores = _score_rows(lm, rows, config, advance)
+        swapped_scores = _score_rows(lm, [s for s, _ in swaps], config, advance) if swaps else []
+    results = []
+    for i, row in enumerate(rows):
+        nc = len(row.corrects)
+        lc, li = scores[i][:nc], scores[i][nc:]
+        result: dict[str, Any] = {"id": row.id, "line": row.line, "corrects": row.corrects,
+                                  "incorrects": row.incorrects}
+        if swaps:
+            swapped, mapping = swaps[i]
+            sc, si = swapped_scores[i][:nc], swapped_scores[i][nc:]
+            result["original"] = {"logprobs_corrects": lc, "logprobs_incorrects": li}
+            result["swapped"] = {"prompt": swapped.prompt, "mapping": mapping,
+                                 "logprobs_corrects": sc, "logprobs_incorrects": si}
+            lc = [(x + y) / 2 for x, y in zip(lc, sc, strict=True)]
+            li = [(x + y) / 2 for x, y in zip(li, si, strict=True)]
+        result.update(logprobs_corrects=lc, logprobs_incorrects=li, correct=is_correct(lc, li))
+        results.append(result)
+    correct = sum(r["correct"] for r in results)
+    stats = {k: v - before[k] for k, v in lm.stats.to_dict().items()
+             if isinstance(v, int | float) and isinstance(before.get(k), int | float)}
+    if model is None:
+        lm.close()
+    return MCResult(accuracy=correct / len(results), correct=correct, n=len(results),
+                    ci95=wilson_interval(correct, len(results)), rows=results,
+                    seconds=time.perf_counter() - t0, stats=stats,
+                    config={**asdict(config)})
+
+
+def run_mc(data: str | Path, config: MCConfig, out: str | Path, *,
+           model: LanguageModel | None = None) -> MCResult:
+    """Load ``data``, evaluate, write per-row results to ``out`` and a summary beside it."""
+    rows = load_mc(data, config.limit)
+    if config.debias:  # a bad row is the user's mistake: name the file too
+        for row in rows:
+            try:
+                swapped_row(row, config.answer_prefix)
+            except UserError as err:
+                raise UserError(err.message, file=data, line=row.line, field=err.field) from None
+    result = evaluate_mc(rows, config, model=model)
+    out = Path(out)
+    atomic_write_jsonl(out, result.rows)
+    summary = {**result.summary(), "data": str(data), "results": str(out)}
+    atomic_write_text(summary_path(out), json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def summary_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".summary.json")
