@@ -27,16 +27,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q --no-warn-conflicts -e ".[test]"
+	$(BIN)/pip install -q --no-warn-conflicts -e ".[test,ray]"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-warn-conflicts -e ".[llama]"
+	command -v chromium >/dev/null || (export DEBIAN_FRONTEND=noninteractive; sudo -n apt-get install -qq -y chromium || apt-get install -qq -y chromium || (apt-get update -qq && apt-get install -qq -y chromium)) || echo "warning: could not install chromium; the report's browser test needs it"
 	touch $@
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(BIN)/cai generate -m builtin:smollm2-135m-instruct --max-new-tokens 96 \
-		"In two sentences, what is Constitutional AI?"
+	$(BIN)/cai run configs/demo.yaml --out runs/demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -34,14 +34,20 @@ out = Console()
 # Sub-command groups live in their own modules and are registered here.
 # (keep this block: later stages add their groups below)
 from constitutional.cli_data import constitution_app, prompts_app
+from constitutional.cli_eval import report_cmd  # also adds `cai eval elo|evasiveness|…`
 from constitutional.cli_rl import eval_app, rl_app
 from constitutional.cli_sl import sl_app
+from constitutional.cli_train import pm_cmd  # noqa: F401  (adds `cai rl pm|train`, `cai eval pm`)
 
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(sl_app, name="sl")
 app.add_typer(rl_app, name="rl")
 app.add_typer(eval_app, name="eval")
+app.command("report")(report_cmd)
+from constitutional.cli_run import run_cmd
+
+app.command("run")(run_cmd)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from constitutional.cli_exec import (
+    CpusPerActorOpt,
+    ExecutorOpt,
+    GpusPerActorOpt,
+    NumActorsOpt,
+    NumShardsOpt,
+    RayAddressOpt,
+    ray_options,
+)
 from constitutional.errors import UserError
 from constitutional.logging_setup import err_console
 
@@ -67,6 +76,12 @@ def sample_cmd(
     system: Annotated[str | None, typer.Option(help="System prompt for the policy.")] = None,
     chunk_size: Annotated[int, typer.Option(help="Prompts generated and saved together.")] = 16,
     device: DeviceOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    num_shards: NumShardsOpt = None,
+    cpus_per_actor: CpusPerActorOpt = 1,
+    gpus_per_actor: GpusPerActorOpt = None,
 ) -> None:
     """Two answers per prompt from MODEL: the pairs dataset (RUN/pairs.jsonl)."""
     from constitutional.models import load_model
@@ -78,8 +93,15 @@ def sample_cmd(
                           chunk_size=chunk_size, prompts=prompts)
     config.sampling()  # bad values fail before the model loads
     records = load_prompts(prompts, field=field, limit=limit, seed=prompt_seed, split=split)
-    lm = load_model(model, **_model_options(device)) if device else None
-    result = sample(records, config, out_dir, model=lm)
+    ray = ray_options(executor, ray_address, num_actors, num_shards, cpus_per_actor,
+                      gpus_per_actor, _model_options(device))
+    if ray is not None:
+        from constitutional.distributed.ray import ray_sample
+
+        result = ray_sample(records, config, out_dir, ray)
+    else:
+        lm = load_model(model, **_model_options(device)) if device else None
+        result = sample(records, config, out_dir, model=lm)
     err_console.print(
         f"[dim]{result.generated} new pairs in {result.seconds:.1f}s "
         f"({result.pairs - result.generated} already done)"
@@ -122,6 +144,12 @@ def label_cmd(
     chunk_size: Annotated[int, typer.Option(help="Pairs scored and saved together.")] = 16,
     cot_max_new_tokens: Annotated[int, typer.Option(help="Reasoning tokens at most.")] = 192,
     device: DeviceOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    num_shards: NumShardsOpt = None,
+    cpus_per_actor: CpusPerActorOpt = 1,
+    gpus_per_actor: GpusPerActorOpt = None,
 ) -> None:
     """Soft AI preference labels: p_a = P(response_a preferred), from option log-probabilities."""
     from constitutional.models import load_model
@@ -139,8 +167,15 @@ def label_cmd(
     )
     config.validate()
     rows = load_pairs(pairs)
-    lm = load_model(feedback_model, **_model_options(device)) if device else None
-    result = label(rows, config, out_dir, model=lm)
+    ray = ray_options(executor, ray_address, num_actors, num_shards, cpus_per_actor,
+                      gpus_per_actor, _model_options(device))
+    if ray is not None:
+        from constitutional.distributed.ray import ray_label
+
+        result = ray_label(rows, config, out_dir, ray)
+    else:
+        lm = load_model(feedback_model, **_model_options(device)) if device else None
+        result = label(rows, config, out_dir, model=lm)
     bias = ("n/a (one order)" if result.position_bias_rate is None
             else f"{result.position_bias_rate:.1%}")
     passes = result.stats.get("forward_passes")

@@ -8,6 +8,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from constitutional.cli_exec import (
+    CpusPerActorOpt,
+    ExecutorOpt,
+    GpusPerActorOpt,
+    NumActorsOpt,
+    NumShardsOpt,
+    RayAddressOpt,
+    ray_options,
+)
+
 sl_app = typer.Typer(help="SL-CAI: critique→revision data and supervised finetuning.",
                      no_args_is_help=True)
 out = Console()
@@ -44,6 +54,12 @@ def revise_cmd(
                              ] = "final",
     chunk_size: Annotated[int, typer.Option(help="Prompts per model call (and per write).")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    num_actors: NumActorsOpt = None,
+    num_shards: NumShardsOpt = None,
+    cpus_per_actor: CpusPerActorOpt = 1,
+    gpus_per_actor: GpusPerActorOpt = None,
 ) -> None:
     """Answer red-team prompts, then critique and revise the answers N times."""
     from constitutional.sl.revise import ReviseConfig, revise
@@ -57,7 +73,14 @@ def revise_cmd(
         critique_max_new_tokens=critique_max_new_tokens, sft_revisions=sft_revisions,
         chunk_size=chunk_size,
     )
-    result = revise(config, show_progress=not quiet)
+    ray = ray_options(executor, ray_address, num_actors, num_shards, cpus_per_actor,
+                      gpus_per_actor)
+    if ray is not None:
+        from constitutional.distributed.ray import ray_revise
+
+        result = ray_revise(config, ray)
+    else:
+        result = revise(config, show_progress=not quiet)
     s = result.summary
     t = Table(title=f"sl revise · {result.run_dir}")
     t.add_column("")
@@ -76,6 +99,11 @@ def revise_cmd(
         ("prompts with a usable final revision", s["with_final_revision"]),
         ("wall time (s)", s["wall_seconds"]),
     ]
+    if "executor" in s:
+        e = s["executor"]
+        ray_row = (f"ray: {e['shards']} shards ({e['shards_skipped']} already done), "
+                   f"{e['actors']} actors, {e['shard_retries']} retries")
+        rows.append(("executor", ray_row))
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t)
@@ -118,6 +146,8 @@ def train_cmd(
         save_steps=save_steps, seed=seed, resume=resume,
     )
     result = sl_train(config)
+    if not result.main_process:  # under `accelerate launch`, the main process reports
+        return
     m = result.metrics
     t = Table(title=f"sl train · {result.out_dir}")
     t.add_column("")

@@ -48,3 +48,23 @@ def make_tiny_llama(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_tiny_pm(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int = 0,
+                 **kwargs: object) -> Path:
+    """A random-init tiny Llama with a scalar head (a preference model), with a real tokenizer."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = make_tiny_llama(Path(tmp) / "base", tokenizer_dir, seed=seed, **kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    return out

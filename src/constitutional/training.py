@@ -15,9 +15,29 @@ class LogCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # one log line per step, not per process
             return
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items()
                  if k in ("loss", "eval_loss", "learning_rate", "epoch", "grad_norm")}
         if shown:
             log.info("step %d: %s", state.global_step, shown)
+
+
+def trainer_args(*, output_dir: str, epochs: float, learning_rate: float, batch_size: int,
+                 grad_accum: int, logging_steps: int, save_steps: int, seed: int,
+                 evaluate: str) -> dict[str, Any]:
+    """The TrainingArguments our three TRL trainers (SFT, reward, DPO) share: cosine schedule
+    with 5% warm-up, two kept checkpoints, no reporting or progress bars, bf16 on GPUs that have
+    it, and the CPU when there is no GPU."""
+    import torch
+
+    return {
+        "output_dir": output_dir, "num_train_epochs": epochs, "learning_rate": learning_rate,
+        "per_device_train_batch_size": batch_size, "per_device_eval_batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum, "logging_steps": logging_steps,
+        "save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 2, "eval_strategy": evaluate,
+        "report_to": "none", "seed": seed, "data_seed": seed, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05, "dataloader_num_workers": 0, "disable_tqdm": True,
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "use_cpu": not torch.cuda.is_available(),
+    }

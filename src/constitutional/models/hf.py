@@ -294,8 +294,15 @@ class HFModel(LanguageModel):
     # ----------------------------------------------------------------------------------------
     # generate
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[str]:
+        return [text for text, _ in self.generate_with_ids(prompts, params)]
+
+    @torch.inference_mode()
+    def generate_with_ids(self, prompts: Sequence[Prompt], params: SamplingParams,
+                          ) -> list[tuple[str, list[int]]]:
+        """Like :meth:`generate`, with each sample's generated token ids (ending with the EOS
+        token when the model stopped by itself; stop strings cut the text only). RL uses the
+        ids, so the tokens it learns from are exactly the ones that were sampled."""
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         validate_prompts(prompts)
@@ -304,7 +311,7 @@ class HFModel(LanguageModel):
         # one row per (prompt, sample); greedy samples are identical, so compute them once
         samples = 1 if params.greedy else params.n
         rows = [(i, k) for i in range(len(prompts)) for k in range(samples)]
-        texts: dict[tuple[int, int], str] = {}
+        texts: dict[tuple[int, int], tuple[str, list[int]]] = {}
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,
@@ -340,7 +347,8 @@ class HFModel(LanguageModel):
                 )
                 self.stats.generated_tokens += n_tokens
                 text = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
-                texts[row] = truncate_at_stop(text, params.stop)
+                texts[row] = (truncate_at_stop(text, params.stop), new[: n_tokens + 1]
+                              if n_tokens < len(new) else new)
         self.stats.requests += len(prompts)
         self.stats.seconds += time.perf_counter() - t0
         return [texts[(i, k if samples > 1 else 0)] for i in range(len(prompts)) for k in range(params.n)]

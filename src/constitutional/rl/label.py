@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from constitutional._files import read_utf8
+from constitutional._files import jsonl_objects
 from constitutional.constitution import Constitution, load_constitution
 from constitutional.errors import UserError
 from constitutional.models import LanguageModel, SamplingParams, load_model
@@ -221,21 +221,9 @@ def load_pairs(spec: str | Path) -> list[dict[str, Any]]:
         if not (path / PAIRS).is_file():
             raise UserError(f"no {PAIRS} here; run `cai rl sample --out {path}` first", file=path)
         path = path / PAIRS
-    text = read_utf8(path)
     pairs: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    for number, row in jsonl_objects(path, required=("prompt", "response_a", "response_b")):
         where: dict[str, Any] = {"file": path, "line": number}
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", **where) from None
-        if not isinstance(row, dict):
-            raise UserError("expected a JSON object per line", **where)
-        for key in ("prompt", "response_a", "response_b"):
-            if key not in row:
-                raise UserError("missing", **where, field=key)
         for key in ("response_a", "response_b"):
             if not isinstance(row[key], str):
                 raise UserError(f"expected text, got {type(row[key]).__name__}", **where,
@@ -314,6 +302,22 @@ class _Row:
 # the stage
 
 
+def resolve_constitution(config: LabelConfig,
+                         constitution: Constitution | None = None) -> Constitution:
+    """The constitution a run uses (loaded, filtered by tags), checked against the settings."""
+    constitution = constitution or load_constitution(config.constitution)
+    if config.tags:
+        constitution = constitution.filter(tags=config.tags)
+    if not constitution.feedback:
+        raise UserError(f"constitution {constitution.name!r} has no feedback principles",
+                        field="constitution")
+    if config.principles > len([p for p in constitution.feedback if p.weight > 0]):
+        raise UserError(f"cannot draw {config.principles} distinct principles from "
+                        f"{len(constitution.feedback)}", field="principles")
+    few_shot_block(constitution, config.few_shot, 0, config.seed, config.cot)  # validates N
+    return constitution
+
+
 def label(
     pairs: Sequence[dict[str, Any]],
     config: LabelConfig,
@@ -326,16 +330,7 @@ def label(
     config.validate()
     if not pairs:
         raise UserError("no pairs to label")
-    constitution = constitution or load_constitution(config.constitution)
-    if config.tags:
-        constitution = constitution.filter(tags=config.tags)
-    if not constitution.feedback:
-        raise UserError(f"constitution {constitution.name!r} has no feedback principles",
-                        field="constitution")
-    if config.principles > len([p for p in constitution.feedback if p.weight > 0]):
-        raise UserError(f"cannot draw {config.principles} distinct principles from "
-                        f"{len(constitution.feedback)}", field="principles")
-    few_shot_block(constitution, config.few_shot, 0, config.seed, config.cot)  # validates N
+    constitution = resolve_constitution(config, constitution)
     run = RunDir(out)
     pinned = config.pinned(constitution)
     run.pin_config(STAGE, pinned)

@@ -209,8 +209,13 @@ def sample_principles(constitution: Constitution, seed: int, prompt_id: str,
 
 
 def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
-           show_progress: bool = True) -> ReviseResult:
-    """Run (or resume) SL-CAI critique→revision generation into ``config.out``."""
+           show_progress: bool = True,
+           prompts: Sequence[PromptRecord] | None = None) -> ReviseResult:
+    """Run (or resume) SL-CAI critique→revision generation into ``config.out``.
+
+    ``prompts`` replaces loading ``config.prompts`` (a shard of them, for a distributed run); the
+    record ids do not change. The model is loaded only when some step is still to compute.
+    """
     config.validate()
     t_start = time.perf_counter()
     run = RunDir(config.out)
@@ -221,8 +226,9 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
         raise UserError("the constitution has no critique/revision principles",
                         field="constitution")
     few_shot = choose_few_shot(constitution, config.few_shot, config.seed)
-    prompts = load_prompts(config.prompts, field=config.field, limit=config.limit,
-                           seed=config.prompt_seed, split=config.split)
+    if prompts is None:
+        prompts = load_prompts(config.prompts, field=config.field, limit=config.limit,
+                               seed=config.prompt_seed, split=config.split)
     prompts = [p for p in prompts if p.messages and p.messages[-1]["role"] == "user"]
     if not prompts:
         raise UserError("no prompts that end in a user turn", file=config.prompts)
@@ -243,8 +249,9 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
     if resumed:
         log.info("resuming: %d finished steps found in %s", resumed, run / STEPS_FILE)
 
-    lm = model or load_model(config.model)
-    tokens_before, seconds_before = lm.stats.generated_tokens, lm.stats.seconds
+    steps_total = len(records) * len(_step_keys(config.revisions, config.critique))
+    lm = model or (load_model(config.model) if resumed < steps_total else None)
+    tokens_before, seconds_before = (lm.stats.generated_tokens, lm.stats.seconds) if lm else (0, 0)
     step_counts: Counter[str] = Counter()
     degenerate: Counter[str] = Counter()
     progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
@@ -257,6 +264,7 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
                                      completed=len(records) - len(todo))
             for start in range(0, len(todo), config.chunk_size):
                 chunk = todo[start : start + config.chunk_size]
+                assert lm is not None  # loaded above whenever a step is still to compute
                 finished = _run_step(lm, config, few_shot, chunk, step)
                 store.append(finished)
                 for rec, step_rec in zip(chunk, finished, strict=True):
@@ -270,8 +278,8 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
 
     traces = [_trace(rec, config, few_shot) for rec in records]
     _write_outputs(run, traces, config)
-    generated = lm.stats.generated_tokens - tokens_before
-    gen_seconds = lm.stats.seconds - seconds_before
+    generated = lm.stats.generated_tokens - tokens_before if lm else 0
+    gen_seconds = lm.stats.seconds - seconds_before if lm else 0.0
     summary = {
         "prompts": len(records),
         "revisions": config.revisions,
@@ -283,7 +291,7 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
         "degenerate": {k: degenerate.get(k, 0) for k in ("answer", "critique", "revision")},
         "with_final_revision": sum(t["final"] is not None for t in traces),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "model": lm.spec,
+        "model": lm.spec if lm else config.model,
     }
     atomic_write_text(run / SUMMARY_FILE, _json(summary))
     return ReviseResult(run.path, summary, traces)

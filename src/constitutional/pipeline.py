@@ -1,0 +1,415 @@
+"""``cai run CONFIG.yaml``: every stage of Constitutional AI into one run directory.
+
+    revise → sl_train → sample → label → pm → ppo (and/or dpo) → eval → report
+
+Layout of ``RUN``::
+
+    config.yaml        the resolved configuration (defaults filled in)
+    run.json           per stage: fingerprint, status, wall seconds
+    run.log            the log of every call
+    sl/                `sl revise` (traces, SFT and preference sets); sl/model = the SL-CAI model
+    rl/                `rl sample` (pairs.jsonl) and `rl label` (labels, preferences)
+    pm/                the preference model (pm.json: held-out accuracy)
+    ppo/  dpo/         the RL-CAI policies (ppo_log.jsonl: reward and KL per step)
+    eval/              answers.jsonl, elo.json, evasiveness.json, revision_curve.json
+    report.html        the report
+
+**Skipping and resuming.** A stage's *fingerprint* hashes its settings, the fingerprints of the
+stages it reads from, and the content of the files it reads. A stage whose fingerprint is
+unchanged and whose outputs are complete is skipped. A stage that was interrupted resumes (the
+generation stages per record, the training stages from their checkpoints). A stage whose
+fingerprint changed is redone from scratch, and so is everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from constitutional.config import RunConfig
+from constitutional.errors import UserError
+from constitutional.store import JsonlStore, atomic_write_text, read_jsonl, stable_hash
+
+log = logging.getLogger(__name__)
+
+STATE = "run.json"
+
+
+def file_digest(path: Path) -> str:
+    """A content hash of a file, or of a model directory's weights and config."""
+    h = hashlib.sha256()
+    files = ([path] if path.is_file() else
+             sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".json")
+                    and p.name not in ("pm.json", "sl_train.json", "dpo.json",
+                                       "ppo.config.json")))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    name: str
+    directory: str  # cleaned when the stage is redone ("" = nothing to clean)
+    outputs: list[str]  # relative paths that must exist when the stage is done
+    settings: Callable[[RunConfig], Any]
+    inputs: list[str]  # relative paths whose content the stage reads
+    after: list[str]  # upstream stages
+    run: Callable[[Pipeline], dict[str, Any] | None]
+
+
+class Pipeline:
+    def __init__(self, config: RunConfig, run_dir: str | Path) -> None:
+        self.config = config
+        self.root = Path(run_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.root / STATE
+        self.state: dict[str, Any] = (json.loads(self.state_file.read_text())
+                                      if self.state_file.exists() else {"stages": {}})
+        self.stages = self._stages()
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def p(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def sl_model(self) -> str:
+        return str(self.p("sl/model"))
+
+    @property
+    def feedback_model(self) -> str:
+        return self.config.label.feedback_model or self.sl_model
+
+    def algos(self) -> list[str]:
+        algo = self.config.rl.algo
+        if algo not in ("ppo", "dpo", "both"):
+            raise UserError(f"must be ppo, dpo or both, got {algo!r}", field="rl.algo")
+        return ["ppo", "dpo"] if algo == "both" else [algo]
+
+    def ray_options(self):
+        c = self.config
+        if c.executor == "local":
+            return None
+        from constitutional.distributed import RayOptions, check_executor
+
+        check_executor(c.executor)
+        return RayOptions(address=c.ray_address, num_actors=c.num_actors,
+                          model_options={"device": c.device} if c.device else {})
+
+    # -- the stages -------------------------------------------------------------------------------
+
+    def _stages(self) -> list[Stage]:
+        common = lambda cfg: {"model": cfg.model, "seed": cfg.seed}
+        stages = [
+            Stage("revise", "sl", ["sl/revise.traces.jsonl", "sl/revise.sft.jsonl"],
+                  lambda cfg: {**common(cfg), "red_team": cfg.red_team,
+                               "limit": cfg.red_team_limit, "constitution": cfg.constitution,
+                               **asdict(cfg.revise)}, [], [], _revise),
+            Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
+                  lambda cfg: {**common(cfg), "helpful": cfg.helpful, **asdict(cfg.sl_train)},
+                  ["sl/revise.sft.jsonl"], ["revise"], _sl_train),
+            Stage("sample", "rl", ["rl/pairs.jsonl"],
+                  lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
+                               "limit": cfg.red_team_limit, **asdict(cfg.sample)},
+                  ["sl/model"], ["sl_train"], _sample),
+            Stage("label", "", ["rl/labels.jsonl", "rl/preferences.jsonl"],
+                  lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
+                               **asdict(cfg.label)},
+                  ["rl/pairs.jsonl"], ["sample"], _label),
+            Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
+                  lambda cfg: {**common(cfg), **asdict(cfg.pm)},
+                  ["rl/preferences.jsonl"], ["label"], _pm),
+        ]
+        algos = self.algos()
+        if "ppo" in algos:
+            stages.append(Stage(
+                "ppo", "ppo", ["ppo/model.safetensors", "ppo/ppo_log.jsonl"],
+                lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
+                             "helpful": cfg.helpful, "limit": cfg.red_team_limit,
+                             **asdict(cfg.rl)},
+                ["sl/model", "pm"], ["sl_train", "pm"], _ppo))
+        if "dpo" in algos:
+            stages.append(Stage(
+                "dpo", "dpo", ["dpo/model.safetensors", "dpo/dpo.json"],
+                lambda cfg: {"seed": cfg.seed, **asdict(cfg.rl)},
+                ["sl/model", "rl/preferences.jsonl"], ["sl_train", "label"], _dpo))
+        stages.append(Stage(
+            "eval", "eval", ["eval/answers.jsonl", "eval/elo.json", "eval/evasiveness.json",
+                             "eval/revision_curve.json"],
+            lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
+                         "constitution": cfg.constitution, **asdict(cfg.eval)},
+            ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
+        return stages
+
+    def fingerprint(self, stage: Stage) -> str:
+        ups = [self.state["stages"].get(u, {}).get("fingerprint") for u in stage.after]
+        contents = [file_digest(self.p(i)) if self.p(i).exists() else None for i in stage.inputs]
+        return stable_hash(stage.name, stage.settings(self.config), ups, contents)
+
+    def complete(self, stage: Stage) -> bool:
+        return all(self.p(o).exists() for o in stage.outputs)
+
+    def save_state(self) -> None:
+        atomic_write_text(self.state_file, json.dumps(self.state, indent=2) + "\n")
+
+    def run(self, only: list[str] | None = None,
+            on_stage: Callable[[str, str, float], None] | None = None) -> dict[str, Any]:
+        atomic_write_text(self.p("config.yaml"), _yaml(self.config.to_dict()))
+        names = [s.name for s in self.stages]
+        for name in only or []:
+            if name not in names and name != "report":
+                raise UserError(f"unknown stage {name!r}; stages: {', '.join(names)}, report",
+                                field="only")
+        t_all = time.perf_counter()
+        for stage in self.stages:
+            if only and stage.name not in only:
+                continue
+            fp = self.fingerprint(stage)
+            entry = self.state["stages"].get(stage.name, {})
+            if entry.get("fingerprint") == fp and entry.get("status") == "done" \
+                    and self.complete(stage):
+                log.info("stage %s: up to date, skipped", stage.name)
+                if on_stage:
+                    on_stage(stage.name, "skipped", entry.get("seconds", 0.0))
+                continue
+            if entry.get("fingerprint") not in (None, fp) and stage.directory:
+                log.info("stage %s: settings or inputs changed, redoing it", stage.name)
+                self._clean(stage)
+            elif entry.get("status") == "running":
+                log.info("stage %s: resuming", stage.name)
+            before = entry.get("seconds_before", 0.0) + (entry.get("seconds", 0.0)
+                                                         if entry.get("status") == "running"
+                                                         else 0.0)
+            self.state["stages"][stage.name] = {"fingerprint": fp, "status": "running",
+                                                "seconds": 0.0, "seconds_before": before}
+            self.save_state()
+            if on_stage:
+                on_stage(stage.name, "running", 0.0)
+            t0 = time.perf_counter()
+            info = stage.run(self) or {}
+            seconds = round(time.perf_counter() - t0, 2)
+            self.state["stages"][stage.name] = {"fingerprint": fp, "status": "done",
+                                                "seconds": seconds, **info}
+            self.save_state()
+            if on_stage:
+                on_stage(stage.name, "done", seconds)
+        if not only or "report" in only:
+            t0 = time.perf_counter()
+            from constitutional.evaluate.report import write_report
+
+            self.state["stages"]["report"] = {"status": "running"}
+            write_report(self.root)
+            self.state["stages"]["report"] = {"status": "done",
+                                              "seconds": round(time.perf_counter() - t0, 2)}
+            self.save_state()
+            write_report(self.root)  # again, so the report's wall-time table includes itself
+            if on_stage:
+                on_stage("report", "done", self.state["stages"]["report"]["seconds"])
+        self.state["total_seconds_this_call"] = round(time.perf_counter() - t_all, 2)
+        self.save_state()
+        return self.state
+
+    def _clean(self, stage: Stage) -> None:
+        target = self.p(stage.directory)
+        if stage.name == "revise" or stage.name == "sample" or target.exists():  # sl/ also holds sl/model: keep nothing of the old run
+            shutil.rmtree(target, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage bodies (thin: each calls the library function of its `cai` command)
+
+
+def _revise(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.sl.revise import ReviseConfig, revise
+
+    c = pl.config
+    config = ReviseConfig(prompts=c.red_team, model=c.model, out=str(pl.p("sl")),
+                          constitution=c.constitution, limit=c.red_team_limit, split="train",
+                          seed=c.seed, **asdict(c.revise))
+    options = pl.ray_options()
+    if options is not None:
+        from constitutional.distributed.ray import ray_revise
+
+        result = ray_revise(config, options)
+    else:
+        result = revise(config, _model(c.model, c))
+    s = result.summary
+    return {k: s.get(k) for k in ("generated_tokens", "tokens_per_second")}
+
+
+def _model(spec: str, c: RunConfig):
+    from constitutional.models import load_model
+
+    return load_model(spec, **({"device": c.device} if c.device else {}))
+
+
+def _sl_train(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.sl.train import SLTrainConfig, sl_train
+
+    c, s = pl.config, pl.config.sl_train
+    result = sl_train(SLTrainConfig(
+        data=str(pl.p("sl")), model=c.model, out=pl.sl_model, helpful=c.helpful,
+        helpful_ratio=s.helpful_ratio, helpful_max_new_tokens=s.helpful_max_new_tokens,
+        epochs=s.epochs, learning_rate=s.learning_rate, batch_size=s.batch_size,
+        max_length=s.max_length, lora=s.lora, seed=c.seed, resume=True))
+    return {k: result.metrics.get(k) for k in ("eval_loss_before", "eval_loss_after",
+                                                "train_rows")}
+
+
+def _sample(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.rl.sample import SampleConfig, sample
+    from constitutional.sources import load_prompts
+
+    c = pl.config
+    config = SampleConfig(model=pl.sl_model, temperature=c.sample.temperature,
+                          top_p=c.sample.top_p, max_new_tokens=c.sample.max_new_tokens,
+                          seed=c.seed, prompts=c.red_team)
+    prompts = load_prompts(c.red_team, limit=c.red_team_limit, seed=c.seed + 1, split="train")
+    options = pl.ray_options()
+    if options is not None:
+        from constitutional.distributed.ray import ray_sample
+
+        result = ray_sample(prompts, config, pl.p("rl"), options)
+    else:
+        result = sample(prompts, config, pl.p("rl"), model=_model(pl.sl_model, c))
+    return {"pairs": result.pairs}
+
+
+def _label(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.rl.label import LabelConfig, label, load_pairs
+
+    c, s = pl.config, pl.config.label
+    clamp: Any = None if s.clamp_off else (tuple(s.clamp) if s.clamp else "auto")
+    config = LabelConfig(feedback_model=pl.feedback_model, constitution=c.constitution,
+                         principles=s.principles, few_shot=s.few_shot,
+                         both_orders=s.both_orders, cot=s.cot, clamp=clamp, seed=c.seed)
+    pairs = load_pairs(pl.p("rl"))
+    options = pl.ray_options()
+    if options is not None:
+        from constitutional.distributed.ray import ray_label
+
+        result = ray_label(pairs, config, pl.p("rl"), options)
+    else:
+        result = label(pairs, config, pl.p("rl"), model=_model(pl.feedback_model, c))
+    return {"mean_p_a": result.mean_p_a, "position_bias_rate": result.position_bias_rate}
+
+
+def _pm(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.rl.preference import PMConfig, pm_train
+
+    c, s = pl.config, pl.config.pm
+    result = pm_train(PMConfig(
+        labels=str(pl.p("rl")), model=s.model or c.model, out=str(pl.p("pm")),
+        human_prefs=s.human_prefs, human_ratio=s.human_ratio, epochs=s.epochs,
+        learning_rate=s.learning_rate, batch_size=s.batch_size, eval_fraction=s.eval_fraction,
+        seed=c.seed, resume=True))
+    return {k: result.metrics.get(k) for k in ("eval_accuracy_before", "eval_accuracy",
+                                                "eval_rows")}
+
+
+def _ppo(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.rl.ppo import PPOConfig, ppo_train
+
+    c, s = pl.config, pl.config.rl
+    result = ppo_train(PPOConfig(
+        policy=pl.sl_model, pm=str(pl.p("pm")), prompts=c.red_team, out=str(pl.p("ppo")),
+        helpful=c.helpful, helpful_ratio=s.helpful_ratio, limit=c.red_team_limit,
+        steps=s.steps, rollout_batch=s.rollout_batch, minibatch=s.minibatch,
+        ppo_epochs=s.ppo_epochs, learning_rate=s.learning_rate, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, kl_coef=s.kl_coef, adaptive_kl=s.adaptive_kl,
+        target_kl=s.target_kl, vf_coef=s.vf_coef, lora=s.lora, seed=c.seed,
+        save_steps=max(1, min(10, s.steps // 2)), resume=True),
+        on_step=lambda r: log.info("ppo step %d: reward %.3f, KL %.3f", r["step"],
+                                   r["reward_mean"], r["kl"]))
+    last = result.log[-1] if result.log else {}
+    first = result.log[0] if result.log else {}
+    return {"reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
+            "kl_last": last.get("kl")}
+
+
+def _dpo(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.rl.dpo import DPOStageConfig, dpo_train
+
+    c, s = pl.config, pl.config.rl
+    result = dpo_train(DPOStageConfig(
+        labels=str(pl.p("rl")), policy=pl.sl_model, out=str(pl.p("dpo")), beta=s.dpo_beta,
+        learning_rate=s.dpo_learning_rate, epochs=s.dpo_epochs, seed=c.seed, resume=True,
+        lora=s.lora))
+    return {k: result.metrics.get(k) for k in ("eval_margin_before", "eval_margin")}
+
+
+def checkpoints(pl: Pipeline) -> dict[str, str]:
+    """The models compared by the evaluation, in pipeline order."""
+    names = {"initial": pl.config.model, "sl-cai": pl.sl_model}
+    for algo in pl.algos():
+        names["rl-cai" if algo == "ppo" else "dpo"] = str(pl.p(algo))
+    return names
+
+
+def _eval(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.evaluate.elo import make_judge, run_elo
+    from constitutional.evaluate.evasive import run_evasiveness
+    from constitutional.evaluate.revision_curve import run_revision_curve
+    from constitutional.models import SamplingParams
+    from constitutional.rl.preference import load_pm
+    from constitutional.sources import load_prompts
+
+    c, e = pl.config, pl.config.eval
+    out = pl.p("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {"harmless": load_prompts(c.red_team, limit=e.prompts, seed=c.seed, split="test"),
+            "helpful": load_prompts(c.helpful, limit=e.prompts, seed=c.seed, split="test")}
+    params = SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens)
+    store = JsonlStore(out / "answers.records.jsonl")
+    for name, spec in checkpoints(pl).items():
+        todo = [(kind, p) for kind, ps in sets.items() for p in ps
+                if stable_hash(name, kind, p.id) not in store]
+        if not todo:
+            continue
+        log.info("eval: answering %d held-out prompts with %s", len(todo), name)
+        lm = _model(spec, c)
+        answers = lm.generate([p.messages for _, p in todo], params)
+        store.append({"id": stable_hash(name, kind, p.id), "checkpoint": name, "kind": kind,
+                      "prompt_id": p.id, "prompt": p.messages, "answer": a}
+                     for (kind, p), a in zip(todo, answers, strict=True))
+        del lm
+    order = {n: i for i, n in enumerate(checkpoints(pl))}
+    rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],
+                                                  r["prompt_id"]))
+    from constitutional.store import atomic_write_jsonl
+
+    atomic_write_jsonl(out / "answers.jsonl", [{k: r[k] for k in (
+        "checkpoint", "prompt_id", "kind", "prompt", "answer")} for r in rows])
+    judge_spec = f"pm:{pl.p('pm')}" if e.judge == "pm" else e.judge
+    judge = make_judge(judge_spec, constitution=c.constitution, seed=c.seed, device=c.device)
+    elo = run_elo(out / "answers.jsonl", judge, out / "elo.json", bootstrap=e.bootstrap,
+                  seed=c.seed, anchor="initial")
+    evasive = run_evasiveness(str(out / "answers.jsonl"), str(out / "evasiveness.json"))
+    curve = run_revision_curve(pl.p("sl/revise.traces.jsonl"), load_pm(pl.p("pm")),
+                               out / "revision_curve.json", pm_name="pm")
+    return {"elo": {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
+                    for kind, r in elo.items()},
+            "evasiveness": {n: v["rate"] for n, v in evasive["checkpoints"].items()},
+            "revision_curve": [round(p["mean"], 3) for p in curve["points"]]}
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def ppo_log(run_dir: Path) -> list[dict[str, Any]]:
+    file = Path(run_dir) / "ppo" / "ppo_log.jsonl"
+    return list({r["step"]: r for r in read_jsonl(file)}.values()) if file.exists() else []

@@ -1,0 +1,589 @@
+"""``cai rl pm`` and ``cai eval pm``: the preference model (PM), trained on soft AI labels.
+
+The PM is the base language model with a scalar head (``AutoModelForSequenceClassification``,
+one label). It reads a conversation that ends with the assistant's answer and returns a score;
+the score is taken at the last token, with transformers' own pooling.
+
+Loss
+----
+For a comparison between answers A and B with soft label ``p`` = P(A is preferred)::
+
+    L = −[ p · log σ(r_A − r_B) + (1 − p) · log σ(r_B − r_A) ]
+
+AI labels (``cai rl label``) carry their soft ``p``; human comparisons are hard (``p = 1``). With
+``p = 0.5`` the gradient with respect to ``r_A − r_B`` is ``σ(d) − 0.5``, which is zero at equal
+rewards and otherwise pulls the two rewards together: a 50/50 label prefers neither answer.
+
+We extend TRL's ``RewardTrainer`` (its tokenisation, length filter, metrics, checkpointing and
+``accelerate`` support stay as they are) and replace only its loss, plus a collator that carries
+``p`` next to the token ids. Rows are stored with ``chosen`` = the answer with ``p >= 0.5``, so
+TRL's "accuracy" metric (chosen scored above rejected) is the accuracy against the labels' side.
+
+Data
+----
+* AI labels: a ``cai rl label`` run directory (its ``preferences.jsonl``, ``score`` = p) or any
+  JSONL of ``prompt``/``chosen``/``rejected`` rows, with an optional ``score`` column.
+* Human comparisons (``--human-prefs``): ``prompt``/``chosen``/``rejected`` rows (strings or
+  message lists) or HH-RLHF transcripts (``chosen``/``rejected`` holding the whole conversation),
+  mixed in at ``human_ratio`` of the final mix.
+* ``cai eval pm`` also reads the paper's multiple-choice files through their ``text_correct`` /
+  ``text_incorrect`` fields (transcripts; the correct one must outscore every incorrect one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from constitutional.errors import UserError
+from constitutional.store import atomic_write_jsonl, atomic_write_text, stable_hash
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+PM_METRICS = "pm.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# comparisons: loading and normalising
+
+
+@dataclass
+class Comparison:
+    """One comparison: ``prompt`` (messages), the preferred and the other answer, and ``p`` =
+    P(chosen is preferred) in [0.5, 1]."""
+
+    id: str
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    p: float
+    source: str
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_messages(value: Any, file: Path, line: int, field: str) -> list[Message]:
+    from constitutional.sources import parse_hh_transcript
+
+    if isinstance(value, str):
+        if value.lstrip().startswith("Human:"):
+            try:
+                return parse_hh_transcript(value)
+            except ValueError as err:
+                raise UserError(str(err), file=file, line=line, field=field) from err
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                       for m in value):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise UserError("expected a string or a list of {role, content} messages", file=file,
+                    line=line, field=field)
+
+
+def _answer(value: Any, file: Path, line: int, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    msgs = _as_messages(value, file, line, field)
+    if msgs[-1]["role"] != "assistant":
+        raise UserError("the last message must be the assistant's answer", file=file, line=line,
+                        field=field)
+    return msgs[-1]["content"]
+
+
+def _split_transcript(value: Any, file: Path, line: int, field: str) -> tuple[list[Message], str]:
+    msgs = _as_messages(value, file, line, field)
+    if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        raise UserError("expected a conversation ending with the assistant's answer", file=file,
+                        line=line, field=field)
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def _iter_jsonl(file: Path):
+    from constitutional._files import jsonl_objects
+
+    return jsonl_objects(file)
+
+
+def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False,
+                     ) -> list[Comparison]:
+    """Comparisons from a ``cai rl label`` run directory or a JSONL file.
+
+    Row forms: ``prompt``/``chosen``/``rejected`` (+ optional ``score`` = P(chosen preferred));
+    or HH-RLHF ``chosen``/``rejected`` transcripts without ``prompt``. ``hard=True`` ignores any
+    score (p = 1), as for human comparisons.
+    """
+    path = Path(spec)
+    file = path / "preferences.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError("not found (expected a `cai rl label` run directory or a JSONL file)",
+                        file=file)
+    rows: list[Comparison] = []
+    for n, row in _iter_jsonl(file):
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise UserError("missing", file=file, line=n, field=key)
+        if "prompt" in row:
+            prompt = _as_messages(row["prompt"], file, n, "prompt")
+            chosen = _answer(row["chosen"], file, n, "chosen")
+            rejected = _answer(row["rejected"], file, n, "rejected")
+        else:
+            prompt, chosen = _split_transcript(row["chosen"], file, n, "chosen")
+            prompt_r, rejected = _split_transcript(row["rejected"], file, n, "rejected")
+            if prompt_r != prompt:
+                raise UserError("chosen and rejected transcripts have different contexts",
+                                file=file, line=n, field="rejected")
+        p = 1.0
+        if not hard and row.get("score") is not None:
+            p = row["score"]
+            if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+                raise UserError(f"must be a probability in [0, 1], got {p!r}", file=file,
+                                line=n, field="score")
+            p = float(p)
+        if p < 0.5:  # keep chosen = the side the label prefers
+            chosen, rejected, p = rejected, chosen, 1.0 - p
+        rid = row.get("id") or stable_hash(prompt, chosen, rejected)
+        rows.append(Comparison(str(rid), prompt, chosen, rejected, p, source))
+    if not rows:
+        raise UserError("no comparisons", file=file, line=1)
+    return rows
+
+
+def load_mc_comparisons(file: str | Path) -> list[tuple[str, list[str]]]:
+    """The paper's multiple-choice rows through ``text_correct`` / ``text_incorrect``: a list of
+    (correct transcript, [incorrect transcripts])."""
+    file = Path(file)
+    out = []
+    for n, row in _iter_jsonl(file):
+        for key in ("text_correct", "text_incorrect"):
+            if key not in row:
+                raise UserError("missing", file=file, line=n, field=key)
+        correct = row["text_correct"]
+        if isinstance(correct, list):
+            if len(correct) != 1:
+                raise UserError("expected one correct text", file=file, line=n,
+                                field="text_correct")
+            correct = correct[0]
+        incorrect = row["text_incorrect"]
+        incorrect = [incorrect] if isinstance(incorrect, str) else incorrect
+        if not isinstance(correct, str) or not incorrect or not all(
+                isinstance(t, str) for t in incorrect):
+            raise UserError("expected strings", file=file, line=n, field="text_incorrect")
+        out.append((correct, list(incorrect)))
+    if not out:
+        raise UserError("no rows", file=file, line=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenisation shared by training and scoring
+
+
+def conversation_text(tokenizer: Any, messages: Sequence[Message]) -> str:
+    """The text the PM reads: the chat template, or HH-style turns for tokenizers without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False)
+    labels = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{labels.get(m['role'], m['role'])}: {m['content']}"
+                   for m in messages) + (tokenizer.eos_token or "")
+
+
+def encode(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[int]:
+    """Token ids of the conversation; over-long ones keep their end (the answer)."""
+    ids = tokenizer(conversation_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return ids[-max_length:]
+
+
+def _with_answer(prompt: Sequence[Message], answer: str) -> list[Message]:
+    return [*prompt, {"role": "assistant", "content": answer}]
+
+
+# ------------------------------------------------------------------------------------------------
+# the scorer
+
+
+class PreferenceModel:
+    """A trained PM: ``score(conversations)`` → one float per conversation (ending with the
+    assistant's answer). Batched, right-padded, scores read at the last real token."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 1024,
+                 batch_size: int = 16) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def score(self, conversations: Sequence[Sequence[Message]]) -> list[float]:
+        import torch
+
+        encoded = [encode(self.tokenizer, c, self.max_length) for c in conversations]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    ids, mask = pad_right([encoded[i] for i in idx], self.pad_id, self.device)
+                    out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    for i, s in zip(idx, out.logits[:, 0].float().tolist(), strict=True):
+                        scores[i] = s
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def score_answers(self, prompts: Sequence[Sequence[Message]], answers: Sequence[str],
+                      ) -> list[float]:
+        return self.score([_with_answer(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def load_pm(path: str | Path, device: str | None = None, *, max_length: int = 1024,
+            batch_size: int = 16, trust_remote_code: bool = False) -> PreferenceModel:
+    """Load a PM directory written by ``cai rl pm`` (or any one-label sequence classifier)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from constitutional.models.hf import resolve_device
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError("not a preference model directory (no config.json)", file=path)
+    dev = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), dtype=torch.float32, trust_remote_code=trust_remote_code).to(dev)
+    if model.config.num_labels != 1:
+        raise UserError(f"expected a one-label (scalar) head, found {model.config.num_labels}",
+                        file=path / "config.json", field="num_labels")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    model.eval()
+    return PreferenceModel(model, tokenizer, max_length=max_length, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss and the trainer
+
+
+def soft_preference_loss(r_chosen, r_rejected, p):
+    """−[p·log σ(r_c − r_r) + (1 − p)·log σ(r_r − r_c)], averaged over the batch."""
+    import torch.nn.functional as F
+
+    d = r_chosen - r_rejected
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
+
+
+def _soft_trainer_class():
+    import torch
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class SoftCollator(DataCollatorForPreference):
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = super().torch_call([{k: e[k] for k in ("chosen_ids", "rejected_ids")}
+                                        for e in examples])
+            batch["p"] = torch.tensor([float(e["p"]) for e in examples], dtype=torch.float)
+            return batch
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer with the soft-label (Bradley–Terry cross-entropy) loss."""
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "p"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            p = inputs.pop("p")
+            mode = "train" if self.model.training else "eval"
+            inputs["use_cache"] = False
+            outputs = model(**inputs)
+            r_chosen, r_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_preference_loss(r_chosen, r_rejected, p.to(r_chosen.dtype))
+            with torch.no_grad():
+                decided = p != 0.5
+                acc = ((r_chosen > r_rejected) & decided).float().sum() / decided.float().sum(
+                ).clamp(min=1)
+                gathered = self.accelerator.gather_for_metrics
+                self._metrics[mode]["accuracy"].append(gathered(acc).mean().item())
+                margin = gathered((r_chosen - r_rejected).mean()).mean()
+                self._metrics[mode]["margin"].append(margin.item())
+                rewards = self.accelerator.gather(outputs.logits)
+                self._metrics[mode]["mean_reward"].append(rewards.mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer, SoftCollator
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class PMConfig:
+    labels: str  # a `cai rl label` run directory, or a prompt/chosen/rejected(/score) JSONL
+    model: str  # the base model (spec) that gets the scalar head
+    out: str
+    human_prefs: str | None = None  # prompt/chosen/rejected or HH-RLHF transcripts (hard labels)
+    human_ratio: float = 0.5  # share of human comparisons in the final mix
+    epochs: float = 1.0
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    eval_fraction: float = 0.1
+    eval_steps: int | None = None  # default: evaluate once per epoch
+    save_steps: int = 50
+    logging_steps: int = 5
+    seed: int = 0
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not 0 <= self.human_ratio < 1:
+            raise UserError("must be in [0, 1)", field="human_ratio")
+        if not 0 < self.eval_fraction < 1:
+            raise UserError("must be in (0, 1): the held-out split measures accuracy",
+                            field="eval_fraction")
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UserError("must be at least 1", field=name)
+        if self.epochs <= 0:
+            raise UserError("must be positive", field="epochs")
+        if self.learning_rate <= 0:
+            raise UserError("must be positive", field="learning_rate")
+
+
+@dataclass
+class PMResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+
+
+def mix(ai: list[Comparison], human: list[Comparison], human_ratio: float, seed: int,
+        ) -> list[Comparison]:
+    """All AI comparisons plus human ones making up ``human_ratio`` of the mix (fewer if there
+    are not enough), shuffled reproducibly."""
+    rng = random.Random(seed)
+    if human and human_ratio > 0:
+        want = round(len(ai) * human_ratio / (1 - human_ratio)) if ai else len(human)
+        human = rng.sample(human, min(want, len(human)))
+    else:
+        human = []
+    rows = ai + human
+    rng.shuffle(rows)
+    return rows
+
+
+def pm_train(config: PMConfig) -> PMResult:
+    """Train the PM on soft AI labels (+ human comparisons); save it to ``config.out``."""
+    config.validate()
+    t0 = time.perf_counter()
+    ai = load_comparisons(config.labels, source="ai")
+    human = (load_comparisons(config.human_prefs, source="human", hard=True)
+             if config.human_prefs else [])
+    rows = mix(ai, human, config.human_ratio, config.seed)
+    # held out: the eval_fraction of comparisons with the lowest id hashes (at least one), so the
+    # split depends on the ids alone
+    ranked = sorted(rows, key=lambda r: stable_hash(r.id))
+    n_eval = max(1, round(len(rows) * config.eval_fraction))
+    held = {r.id for r in ranked[:n_eval]}
+    train_rows = [r for r in rows if r.id not in held]
+    eval_rows = [r for r in rows if r.id in held]
+    if not train_rows or not eval_rows:
+        raise UserError(f"{len(rows)} comparisons are too few for a train/held-out split",
+                        field="eval_fraction")
+    log.info("PM: %d train comparisons (%d AI, %d human), %d held out", len(train_rows),
+             sum(r.source == "ai" for r in train_rows),
+             sum(r.source == "human" for r in train_rows), len(eval_rows))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    main = _is_main_process()  # under `accelerate launch`, only the main process writes files
+    if main:
+        atomic_write_jsonl(out / "pm.heldout.jsonl", [r.to_row() for r in eval_rows])
+    metrics = _train(config, train_rows, eval_rows)
+    metrics.update({"ai_comparisons": len(ai), "human_comparisons": len(human),
+                    "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+                    "wall_seconds": round(time.perf_counter() - t0, 2)})
+    if main:
+        atomic_write_text(out / PM_METRICS, json.dumps(
+            {"config": asdict(config), "metrics": metrics}, indent=2, default=str) + "\n")
+    return PMResult(out, metrics)
+
+
+def _is_main_process() -> bool:
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def _model_path(spec: str) -> str:
+    from constitutional.sl.train import _model_path as sl_model_path
+
+    return sl_model_path(spec)
+
+
+def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Comparison],
+           ) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RewardConfig
+
+    from constitutional.training import LogCallback, trainer_args
+
+    path = _model_path(config.model)
+    out = Path(config.out)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(config.seed)  # the new scalar head's init: the same on every launch
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    def dataset(rows: list[Comparison]) -> Dataset:
+        return Dataset.from_list([{
+            "chosen_ids": encode(tokenizer, _with_answer(r.prompt, r.chosen), config.max_length),
+            "rejected_ids": encode(tokenizer, _with_answer(r.prompt, r.rejected),
+                                   config.max_length),
+            "p": r.p,
+        } for r in rows])
+
+    train_ds, eval_ds = dataset(train_rows), dataset(eval_rows)
+    checkpoints = out / "checkpoints"
+    args = RewardConfig(
+        max_length=config.max_length, eval_steps=config.eval_steps,
+        remove_unused_columns=False, center_rewards_coefficient=None,
+        **trainer_args(output_dir=str(checkpoints), epochs=config.epochs,
+                       learning_rate=config.learning_rate, batch_size=config.batch_size,
+                       grad_accum=config.grad_accum, logging_steps=config.logging_steps,
+                       save_steps=config.save_steps, seed=config.seed,
+                       evaluate="steps" if config.eval_steps else "epoch"))
+    trainer_cls, collator_cls = _soft_trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer,
+                          data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogCallback())
+    metrics: dict[str, Any] = {}
+    before = trainer.evaluate()
+    metrics["eval_accuracy_before"] = before.get("eval_accuracy")
+    metrics["eval_loss_before"] = before.get("eval_loss")
+    resume = config.resume and any(checkpoints.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    metrics["train_loss"] = result.training_loss
+    metrics["steps"] = result.global_step
+    metrics["train_log"] = [
+        {k: v for k, v in e.items() if k in ("step", "loss", "eval_loss", "eval_accuracy",
+                                             "epoch")}
+        for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
+    ]
+    after = trainer.evaluate()
+    metrics["eval_accuracy"] = after.get("eval_accuracy")
+    metrics["eval_loss"] = after.get("eval_loss")
+    trainer.save_model(str(out))  # main process only; gathers FSDP / ZeRO-3 shards
+    trainer.accelerator.wait_for_everyone()
+    for k, v in list(metrics.items()):
+        if isinstance(v, float) and math.isfinite(v):
+            metrics[k] = round(v, 4)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class PMEval:
+    accuracy: float
+    correct: int
+    n: int
+    ci95: tuple[float, float]
+    rows: list[dict[str, Any]]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = None) -> PMEval:
+    """Accuracy of ``pm`` on a comparison file: ``prompt``/``chosen``/``rejected``, HH-RLHF
+    transcripts, or the paper's multiple-choice rows (``text_correct``/``text_incorrect``).
+    Rows with a soft ``score`` count towards the side they prefer; exact ties (0.5) are skipped."""
+    file = Path(data)
+    first = next((row for _, row in _iter_jsonl(file)), None) if file.is_file() else None
+    rows: list[dict[str, Any]] = []
+    if first is not None and "text_correct" in first:
+        items = load_mc_comparisons(file)[:limit]
+        convs: list[list[Message]] = []
+        spans = []
+        for correct, incorrect in items:
+            start = len(convs)
+            for text in [correct, *incorrect]:
+                convs.append(_mc_messages(text))
+            spans.append((start, len(convs)))
+        scores = pm.score(convs)
+        for (correct, _), (a, b) in zip(items, spans, strict=True):
+            s = scores[a:b]
+            rows.append({"text_correct": correct, "score_correct": s[0],
+                         "scores_incorrect": s[1:], "correct": all(s[0] > x for x in s[1:])})
+    else:
+        comps = [c for c in load_comparisons(file) if c.p != 0.5][:limit]
+        chosen = pm.score_answers([c.prompt for c in comps], [c.chosen for c in comps])
+        rejected = pm.score_answers([c.prompt for c in comps], [c.rejected for c in comps])
+        for c, sc, sr in zip(comps, chosen, rejected, strict=True):
+            rows.append({"id": c.id, "score_chosen": sc, "score_rejected": sr, "p": c.p,
+                         "correct": sc > sr})
+    if not rows:
+        raise UserError("no decided comparisons to evaluate", file=file, line=1)
+    k = sum(r["correct"] for r in rows)
+    return PMEval(k / len(rows), k, len(rows), wilson(k, len(rows)), rows)
+
+
+def _mc_messages(text: str) -> list[Message]:
+    from constitutional.sources import parse_hh_transcript
+
+    if text.lstrip().startswith("Human:"):
+        try:
+            msgs = parse_hh_transcript(text)
+            if msgs[-1]["role"] == "assistant":
+                return msgs
+        except ValueError:
+            pass
+    return [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]

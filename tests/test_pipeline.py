@@ -1,0 +1,142 @@
+"""`cai run`: typed config errors, the whole pipeline on a tiny model, skipping, and resuming
+after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from constitutional.cli import main
+from constitutional.config import RunConfig, load_config
+from constitutional.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["red_team_limit=8", "helpful_limit=8", "eval.prompts=3", "eval.bootstrap=50",
+         "rl.rollout_batch=4", "rl.minibatch=2", "rl.steps=2", "revise.max_new_tokens=24",
+         "revise.critique_max_new_tokens=16", "sample.max_new_tokens=16",
+         "sl_train.helpful_max_new_tokens=16", "eval.max_new_tokens=16"]
+
+
+def sets(model: Path, *extra: str) -> list[str]:
+    return [a for item in [f"model={model}", *SMALL, *extra] for a in ("--set", item)]
+
+
+def test_shipped_configs_load():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    assert isinstance(demo, RunConfig)
+    assert demo.revise.revisions <= 2 and demo.red_team_limit == 32
+    assert paper.revise.revisions == 4 and paper.label.cot and paper.label.clamp == [0.4, 0.6]
+    assert paper.rl.algo == "ppo"
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nrl:\n  steps: 2\n  stepz: 3\n")
+    with pytest.raises(UserError) as err:
+        load_config(bad)
+    assert (err.value.field, err.value.line) == ("rl.stepz", 4)
+    with pytest.raises(UserError) as err:
+        load_config(None, ["rl.steps=many"])
+    assert err.value.field == "rl.steps" and "expected int" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(None, ["revise=3"])
+    assert err.value.field == "revise"
+    c = load_config(None, ["rl.learning_rate=1", "label.clamp=[0.3, 0.7]", "device=null"])
+    assert c.rl.learning_rate == 1.0 and c.label.clamp == [0.3, 0.7] and c.device is None
+
+
+def test_cai_run_unknown_key_is_one_line_exit_2(capsys):
+    assert main(["run", "--set", "rl.nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rl.nope" in err[0]
+
+
+def test_pipeline_runs_skips_and_redoes_what_changed(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(run),
+                 *sets(tiny_model_dir)]) == 0
+    state = json.loads((run / "run.json").read_text())
+    assert [s for s, e in state["stages"].items() if e["status"] == "done"] == [
+        "revise", "sl_train", "sample", "label", "pm", "ppo", "eval", "report"]
+    for rel in ("sl/revise.traces.jsonl", "sl/model/model.safetensors", "rl/labels.jsonl",
+                "pm/pm.json", "ppo/ppo_log.jsonl", "eval/elo.json", "eval/evasiveness.json",
+                "eval/revision_curve.json", "report.html", "run.log", "config.yaml"):
+        assert (run / rel).exists(), rel
+    elo = json.loads((run / "eval" / "elo.json").read_text())
+    assert set(elo["harmless"]["elo"]) == {"initial", "sl-cai", "rl-cai"}
+    capsys.readouterr()
+    # unchanged: everything is skipped
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(run),
+                 *sets(tiny_model_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("up to date, skipped") >= 7
+    # one PPO setting changed: PPO and eval are redone, the stages before are skipped
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(run),
+                 *sets(tiny_model_dir, "rl.steps=3")]) == 0
+    err = capsys.readouterr().err
+    for name in ("revise", "sl_train", "sample", "label", "pm"):
+        assert f"{name}: up to date, skipped" in err
+    assert "ppo: up to date" not in err and "eval: up to date" not in err
+    log = [json.loads(x) for x in (run / "ppo" / "ppo_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_pipeline_resumes_after_a_kill(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "constitutional.cli", "run",
+           str(ROOT / "configs" / "demo.yaml"), "--out", str(run), *sets(tiny_model_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    state_file = run / "run.json"
+    try:
+        while time.monotonic() < deadline:  # kill while the SL-CAI model trains
+            if state_file.exists():
+                stages = json.loads(state_file.read_text() or "{}").get("stages", {})
+                if stages.get("sl_train", {}).get("status") == "running":
+                    break
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "revise: up to date, skipped" in done.stderr
+    state = json.loads(state_file.read_text())
+    assert all(e["status"] == "done" for e in state["stages"].values())
+    traces = (run / "sl" / "revise.traces.jsonl").read_text().splitlines()
+    assert len(traces) == len({json.loads(t)["prompt_id"] for t in traces}) == 8
+    assert (run / "report.html").exists()
+
+
+def test_pipeline_with_the_ray_executor_matches_local(tiny_model_dir, tmp_path):
+    """`cai run … --set executor=ray` (2 local actors) completes, with the same SL traces and
+    pairs as the single-process run."""
+    local, ray_run = tmp_path / "local", tmp_path / "ray"
+    only = [a for s in ("revise", "sl_train", "sample", "label") for a in ("--only", s)]
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(local), *only,
+                 *sets(tiny_model_dir)]) == 0
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(ray_run),
+                 *sets(tiny_model_dir, "executor=ray", "num_actors=2")]) == 0
+    state = json.loads((ray_run / "run.json").read_text())
+    assert all(e["status"] == "done" for e in state["stages"].values())
+    assert (local / "sl/revise.traces.jsonl").read_text() == (
+        ray_run / "sl/revise.traces.jsonl").read_text()
+
+    def answers(run):  # pair ids include the model path, which differs between the two runs
+        rows = [json.loads(x) for x in (run / "rl/pairs.jsonl").read_text().splitlines()]
+        return [(r["prompt_id"], r["response_a"], r["response_b"]) for r in rows]
+
+    assert answers(local) == answers(ray_run)
+    assert (ray_run / "report.html").exists()

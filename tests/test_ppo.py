@@ -1,0 +1,175 @@
+"""PPO: the pure pieces against hand computations, learning on a tiny policy, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from constitutional.rl.ppo import (
+    PPOConfig,
+    PPOTrainer,
+    gae,
+    kl_penalised_rewards,
+    pack,
+    ppo_losses,
+    ppo_train,
+    whiten,
+)
+from constitutional.testing import make_tiny_llama, make_tiny_pm
+
+# prompts of one shape, so that a random tiny policy has a similar first-token distribution
+PROMPTS = [[{"role": "user", "content": f"Say something about item {i}"}] for i in range(10)] * 2
+
+
+class TokenReward:
+    """A real reward function: how often the answer contains ``word``."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+
+    def score_answers(self, prompts, answers):
+        return [float(a.count(self.word)) for a in answers]
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory, builtin_dir):
+    """A tiny policy with a peaked (learnable) distribution, a tiny PM for the value model, and
+    the policy's most likely first answer token."""
+    root = tmp_path_factory.mktemp("ppo")
+    policy = make_tiny_llama(root / "policy", builtin_dir, initializer_range=0.6)
+    pm = make_tiny_pm(root / "pm", builtin_dir)
+    from constitutional.models import load_model
+
+    lm = load_model(str(policy))
+    with torch.no_grad():
+        first = lm.model(torch.tensor([lm.encode(PROMPTS[0])])).logits[0, -1].softmax(-1)
+    target = int(first.argmax())
+    return policy, pm, lm.tokenizer.decode([target]), float(first[target])
+
+
+def config(peaked, out: Path, **kw) -> PPOConfig:
+    policy, pm, _, _ = peaked
+    base = {"policy": str(policy), "pm": str(pm), "prompts": "unused", "out": str(out), "steps": 20,
+                "rollout_batch": 16, "minibatch": 8, "ppo_epochs": 2, "learning_rate": 1e-4,
+                "max_new_tokens": 16, "kl_coef": 0.01, "save_steps": 3, "seed": 0}
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.4, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b in range(2):
+        n = int(mask[b].sum())
+        expect = [0.0] * n
+        last = 0.0
+        for t in reversed(range(n)):
+            nv = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * nv - values[b, t].item()
+            last = delta + gamma * lam * last
+            expect[t] = last
+        assert adv[b, :n].tolist() == pytest.approx(expect, abs=1e-6)
+        assert adv[b, n:].abs().sum() == 0
+        assert ret[b, :n].tolist() == pytest.approx([e + values[b, t].item()
+                                                     for t, e in enumerate(expect)], abs=1e-6)
+
+
+def test_kl_penalty_and_score_placement():
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    logp = torch.tensor([[-1.0, -2, -3, 0], [-1, 0, 0, 0]])
+    ref = torch.tensor([[-1.5, -2, -2, 0], [-3, 0, 0, 0]])
+    rewards, kl = kl_penalised_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, 0.1)
+    assert kl.tolist() == [[0.5, 0.0, -1.0, 0.0], [2.0, 0.0, 0.0, 0.0]]
+    assert rewards[0].tolist() == pytest.approx([-0.05, 0.0, 0.1 + 2.0, 0.0])
+    assert rewards[1].tolist() == pytest.approx([-0.2 - 1.0, 0.0, 0.0, 0.0])
+
+
+def test_clipped_losses():
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, -1.0]])
+    pg, vf, frac = ppo_losses(new, old, adv, torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2),
+                              torch.tensor([[0.0, 0.0]]), mask, 0.2, 0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped)
+    assert pg.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert frac.item() == 1.0
+    # value 1.0 vs old 0.0 clipped to 0.2: max(1.0², 0.2²) = 1 → 0.5·mean([1, 0])
+    assert vf.item() == pytest.approx(0.25)
+    w = whiten(torch.tensor([[1.0, 2.0, 3.0, 99.0]]), torch.tensor([[1.0, 1, 1, 0]]))
+    assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert w[0, 3].item() == 0.0
+
+
+def test_pack_places_answers_after_a_common_query_width():
+    ids, _mask, pos, Q, rmask = pack([[5, 6, 7], [8]], [[1, 2], [3]], 0, "cpu")
+    assert Q == 3
+    assert ids.tolist() == [[5, 6, 7, 1, 2], [0, 0, 8, 3, 0]]
+    assert pos[1, 2:4].tolist() == [0, 1]
+    assert rmask.tolist() == [[1, 1], [1, 0]]
+
+
+def test_ppo_raises_a_token_reward_with_bounded_kl(peaked, tmp_path):
+    _, _, word, p_first = peaked
+    result = ppo_train(config(peaked, tmp_path / "run"), rewarder=TokenReward(word),
+                       prompts=PROMPTS)
+    scores = [r["score_mean"] for r in result.log]
+    assert len(scores) == 20
+    early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    print(f"target {word!r} (first-token p {p_first:.2f}): reward {early:.3f} → {late:.3f}; "
+          f"KL {[round(r['kl'], 2) for r in result.log]}")
+    assert late > 2 * early and late - early > 0.2
+    assert max(r["kl"] for r in result.log) < 20
+    row = result.log[-1]
+    for key in ("reward_mean", "reward_std", "kl", "entropy", "clip_frac", "value_loss",
+                "response_len", "time_generate", "time_score", "time_update"):
+        assert key in row
+    assert (tmp_path / "run" / "config.json").exists()  # the final policy is a model directory
+    lines = (tmp_path / "run" / "ppo_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 21))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_ppo_resume_follows_the_same_curve(peaked, tmp_path):
+    word = peaked[2]
+    full = ppo_train(config(peaked, tmp_path / "full", steps=6), rewarder=TokenReward(word),
+                     prompts=PROMPTS)
+
+    def kill_after_step_4(row):
+        if row["step"] == 4:  # after the step-3 checkpoint, mid-way to the next one
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ppo_train(config(peaked, tmp_path / "cut", steps=6), rewarder=TokenReward(word),
+                  prompts=PROMPTS, on_step=kill_after_step_4)
+    assert (tmp_path / "cut" / "checkpoints" / "step-3").is_dir()
+    resumed = ppo_train(config(peaked, tmp_path / "cut", steps=6), rewarder=TokenReward(word),
+                        prompts=PROMPTS)
+    keys = ("reward_mean", "score_mean", "kl", "entropy", "policy_loss", "value_loss",
+            "clip_frac")
+    assert [r["step"] for r in resumed.log] == list(range(1, 7))
+    for a, b in zip(full.log, resumed.log, strict=True):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+
+
+def test_ppo_lora_with_pm_reward_runs_and_saves(peaked, tmp_path):
+    trainer = PPOTrainer(config(peaked, tmp_path / "lora", steps=2, lora=True, save_steps=1),
+                         prompts=PROMPTS)
+    assert trainer.ref is None  # the reference is the policy with its adapters disabled
+    result = trainer.train()
+    assert result.steps == 2 and len(result.log) == 2
+    assert result.log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at first
+    from constitutional.models import SamplingParams, load_model
+
+    merged = load_model(str(tmp_path / "lora"))  # adapters merged into a plain model directory
+    assert isinstance(merged.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0], str)
