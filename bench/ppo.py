@@ -119,7 +119,8 @@ def split_row(name: str, steps: list[dict], batch: int, mean_len: float) -> dict
 # ours
 
 
-def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: str) -> dict:
+def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: str,
+             value_train: str = "full") -> dict:
     from constitutional.rl.ppo import PPOConfig, PPOTrainer
     from constitutional.rl.preference import load_pm
 
@@ -133,7 +134,7 @@ def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: 
                        rollout_batch=args.batch, minibatch=args.minibatch,
                        ppo_epochs=args.ppo_epochs, grad_accum=1, max_new_tokens=args.max_new_tokens,
                        kl_coef=args.kl_coef, save_steps=args.steps + 1, seed=args.seed,
-                       resume=False)
+                       resume=False, value_train=value_train)
     rewarder = TimedRewarder(load_pm(str(pm), device="cpu"))
     trainer = BenchPPO(config, rewarder=rewarder,
                        prompts=[p for g in groups for p in g])
@@ -154,7 +155,8 @@ def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: 
                       "update": wall - r["time_generate"] - r["time_score"],
                       "time_update": r["time_update"], "logged_sps": r["samples_per_s"]})
     mean_len = statistics.fmean(r["response_len"] for r in rows[1:])
-    result = split_row("ours: PPO (policy + reference + value model)", steps, args.batch, mean_len)
+    label = "value model" if value_train == "full" else "value head only"
+    result = split_row(f"ours: PPO (policy + reference + {label})", steps, args.batch, mean_len)
     result["time_update"] = statistics.fmean(s["time_update"] for s in steps)
     result["logged_sps"] = statistics.fmean(s["logged_sps"] for s in steps)
     del trainer
@@ -282,6 +284,9 @@ def main() -> None:
     ap.add_argument("--kl-coef", type=float, default=0.05, help="ours kl_coef = TRL beta")
     ap.add_argument("--trl", choices=("grpo", "rloo"), default="grpo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--value-train", default="full,head",
+                    help="our value model variants to time: full (the whole PM-initialised value "
+                         "model learns, the default) and/or head (only its scalar head)")
     args = ap.parse_args()
     args.minibatch = args.minibatch or min(8, args.batch)
     if args.steps < 2:
@@ -328,18 +333,21 @@ def main() -> None:
               f"{torch.__version__} with {torch.get_num_threads()} threads, transformers "
               f"{transformers.__version__}, trl {trl.__version__}\n")
 
-        ours = run_ours(args, policy, pm, groups, str(Path(tmp) / "ours"))
+        variants = [v.strip() for v in args.value_train.split(",") if v.strip()]
+        runs = [run_ours(args, policy, pm, groups, str(Path(tmp) / f"ours-{v}"), v)
+                for v in variants]
         theirs = run_trl(args, policy, pm, groups, str(Path(tmp) / "trl"))
+    ours = runs[0]
 
     print(f"\n{'per step, seconds (mean over measured steps)':<56}{'generate':>9}{'score':>8}"
           f"{'other':>8}{'update':>8}{'total':>8}{'samples/s':>11}{'len':>6}")
-    for r in (ours, theirs):
+    for r in (*runs, theirs):
         print(f"{r['name']:<56}{r['generate']:>9.2f}{r['score']:>8.2f}{r['other']:>8.2f}"
               f"{r['update']:>8.2f}{r['step']:>8.2f}{r['samples_per_s']:>11.2f}"
               f"{r['mean_len']:>6.1f}")
-    for r in (ours, theirs):
+    for r in (*runs, theirs):
         parts = {k: r[k] / r["step"] for k in ("generate", "score", "other", "update")}
-        print(f"  {r['name'].split(':')[0].split(' (')[0]} split: "
+        print(f"  {r['name'].split(' (')[0]}{' +' + r['name'].split('+ ')[-1].rstrip(')') if r is not theirs else ''} split: "
               + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
     print(f"  (score = PM forward passes only; other = old/ref log-probs, values, advantages; "
           f"len = mean generated tokens per sample)\n  ours' own log: time_update "
@@ -347,8 +355,9 @@ def main() -> None:
           "bookkeeping)")
     print(f"  TRL's rollouts used the same prompts, in the same groups, as ours: "
           f"{'yes' if theirs['same_prompts'] else 'NO'}")
-    print(f"\nratio ours / TRL {args.trl.upper()} samples/s: "
-          f"{ours['samples_per_s'] / theirs['samples_per_s']:.2f}x (goal >= 1x)")
+    for v, r in zip(variants, runs, strict=True):
+        print(f"\nratio ours (value_train={v}) / TRL {args.trl.upper()} samples/s: "
+              f"{r['samples_per_s'] / theirs['samples_per_s']:.2f}x (goal >= 1x)")
 
 
 if __name__ == "__main__":

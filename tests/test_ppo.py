@@ -124,7 +124,7 @@ def test_ppo_raises_a_token_reward_with_bounded_kl(peaked, tmp_path):
     early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     print(f"target {word!r} (first-token p {p_first:.2f}): reward {early:.3f} → {late:.3f}; "
           f"KL {[round(r['kl'], 2) for r in result.log]}")
-    assert late > 2 * early and late - early > 0.2
+    assert late > 1.5 * early and late - early > 0.25  # noise on a 5-step mean is ~0.05
     assert max(r["kl"] for r in result.log) < 20
     row = result.log[-1]
     for key in ("reward_mean", "reward_std", "kl", "entropy", "clip_frac", "value_loss",
@@ -173,3 +173,31 @@ def test_ppo_lora_with_pm_reward_runs_and_saves(peaked, tmp_path):
 
     merged = load_model(str(tmp_path / "lora"))  # adapters merged into a plain model directory
     assert isinstance(merged.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0], str)
+
+
+def test_a_prompt_twice_in_a_batch_gets_two_samples(peaked, tmp_path):
+    from constitutional.models import SamplingParams
+
+    trainer = PPOTrainer(config(peaked, tmp_path / "dup", steps=1), prompts=PROMPTS)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    a, b, c = trainer._sample([PROMPTS[0], PROMPTS[0], PROMPTS[1]], params)
+    assert a[1] != b[1]  # seeded per prompt, so the second copy needs its own seed
+    assert a == trainer._sample([PROMPTS[0]], params)[0]  # the first copy is unchanged
+    assert c == trainer._sample([PROMPTS[1]], params)[0]
+
+
+def test_head_only_value_training_learns_too(peaked, tmp_path):
+    """value_train="head": the PM's backbone stays fixed (its features are computed once per
+    rollout) and only the scalar head learns; the policy still learns the token reward."""
+    _, _, word, _ = peaked
+    trainer = PPOTrainer(config(peaked, tmp_path / "head", steps=12, value_train="head"),
+                         rewarder=TokenReward(word), prompts=PROMPTS)
+    value = trainer.accelerator.unwrap_model(trainer.value)
+    frozen = {k: v.clone() for k, v in value.state_dict().items() if "score" not in k}
+    head = value.score.weight.clone()
+    result = trainer.train()
+    scores = [r["score_mean"] for r in result.log]
+    assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 0.15
+    after = value.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert not torch.equal(value.score.weight, head)

@@ -122,6 +122,9 @@ def train_cmd(
     target_kl: Annotated[float, typer.Option(help="PPO: the adaptive controller's target.")]
     = 6.0,
     vf_coef: Annotated[float, typer.Option(help="PPO: value loss weight.")] = 0.1,
+    value_train: Annotated[str, typer.Option(help="PPO: 'full' (the whole value model learns) or "
+                                                  "'head' (only its scalar head; faster).")]
+    = "full",
     beta: Annotated[float, typer.Option(help="DPO: β.")] = 0.1,
     label_smoothing: Annotated[str, typer.Option(help="DPO: 'auto' (1 − mean label) or a "
                                                       "number.")] = "auto",
@@ -149,7 +152,7 @@ def train_cmd(
             minibatch=minibatch, ppo_epochs=ppo_epochs, grad_accum=grad_accum,
             learning_rate=learning_rate or 1e-6, max_new_tokens=max_new_tokens,
             temperature=temperature, kl_coef=kl_coef, adaptive_kl=adaptive_kl,
-            target_kl=target_kl, vf_coef=vf_coef, lora=lora, save_steps=save_steps, seed=seed,
+            target_kl=target_kl, vf_coef=vf_coef, value_train=value_train, lora=lora, save_steps=save_steps, seed=seed,
             resume=resume)
         table = Table("step", "reward", "PM score", "KL", "entropy", "clip", "len", "gen s",
                       "score s", "update s", title="PPO", show_edge=False)

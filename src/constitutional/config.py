@@ -85,6 +85,7 @@ class RLSection:
     max_new_tokens: int = 64
     temperature: float = 1.0
     vf_coef: float = 0.1
+    value_train: str = "full"  # full or head
     lora: bool = False
     helpful_ratio: float = 0.5
     dpo_beta: float = 0.1

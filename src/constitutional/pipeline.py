@@ -328,7 +328,7 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
         steps=s.steps, rollout_batch=s.rollout_batch, minibatch=s.minibatch,
         ppo_epochs=s.ppo_epochs, learning_rate=s.learning_rate, max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, kl_coef=s.kl_coef, adaptive_kl=s.adaptive_kl,
-        target_kl=s.target_kl, vf_coef=s.vf_coef, lora=s.lora, seed=c.seed,
+        target_kl=s.target_kl, vf_coef=s.vf_coef, value_train=s.value_train, lora=s.lora, seed=c.seed,
         save_steps=max(1, min(10, s.steps // 2)), resume=True),
         on_step=lambda r: log.info("ppo step %d: reward %.3f, KL %.3f", r["step"],
                                    r["reward_mean"], r["kl"]))

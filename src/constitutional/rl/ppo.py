@@ -90,6 +90,7 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    value_train: str = "full"  # full: the whole value model learns; head: only its scalar head
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
     lora: bool = False
@@ -123,6 +124,9 @@ class PPOConfig:
                             f"{self.rollout_batch}", field="minibatch")
         if self.temperature == 0:
             raise UserError("PPO needs sampling: temperature must be > 0", field="temperature")
+        if self.value_train not in ("full", "head"):
+            raise UserError(f"must be full or head, got {self.value_train!r}",
+                            field="value_train")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,10 +210,12 @@ class ValueHead:
         self.backbone = getattr(model, model.base_model_prefix)
         self.head = getattr(model, "score", None) or model.classifier
 
+    def hidden(self, input_ids, attention_mask, position_ids):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, use_cache=False).last_hidden_state
+
     def __call__(self, input_ids, attention_mask, position_ids):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(self.hidden(input_ids, attention_mask, position_ids)).squeeze(-1).float()
 
 
 def _model_dir(spec: str) -> str:
@@ -242,6 +248,7 @@ class Rollout:
     advantages: Any
     returns: Any
     entropy: Any
+    value_hidden: Any = None  # the value backbone's features, when only the head learns
 
 
 def pack(queries: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int, device):
@@ -371,6 +378,10 @@ class PPOTrainer:
         value = AutoModelForSequenceClassification.from_pretrained(
             _model_dir(value_dir), num_labels=1, dtype=torch.float32)
         _no_dropout(value)
+        if config.value_train == "head":  # the PM's features stay fixed; only the head learns
+            value.requires_grad_(False)
+            head = getattr(value, "score", None) or value.classifier
+            head.requires_grad_(True)
         if len(AutoTokenizer.from_pretrained(_model_dir(value_dir))) != len(self.tokenizer):
             raise UserError("the value model must share the policy's tokenizer (it reads the "
                             "policy's tokens)", field="value_model")
@@ -385,7 +396,7 @@ class PPOTrainer:
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW([
             {"params": params, "lr": config.learning_rate},
-            {"params": list(value.parameters()), "lr": vlr},
+            {"params": [p for p in value.parameters() if p.requires_grad], "lr": vlr},
         ], weight_decay=0.0)
         warm = config.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -446,7 +457,7 @@ class PPOTrainer:
                                 max_new_tokens=c.max_new_tokens,
                                 seed=(c.seed * 1_000_003 + step) % 2**31)
         self.generator.model = self.accelerator.unwrap_model(self.policy)
-        samples = self.generator.generate_with_ids(prompts, params)
+        samples = self._sample(prompts, params)
         answers = [text for text, _ in samples]
         queries = [self.generator.encode(p) for p in prompts]
         ids, mask, positions, Q, rmask = pack(queries, [r for _, r in samples],
@@ -463,7 +474,8 @@ class PPOTrainer:
             else:
                 with policy.disable_adapter():
                     ref_logprobs, _ = answer_logprobs(policy, ids, mask, positions, Q)
-            values = self.value_head(ids, mask, positions)[:, Q - 1 : -1] * rmask
+            value_hidden = self.value_head.hidden(ids, mask, positions)[:, Q - 1 : -1]
+            values = self.value_head.head(value_hidden).squeeze(-1).float() * rmask
             rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, rmask,
                                                self.kl_ctl.beta)
             advantages, returns = gae(rewards, values, rmask, c.gamma, c.lam)
@@ -472,8 +484,33 @@ class PPOTrainer:
         t2 = time.perf_counter()
         rollout = Rollout(prompts, answers, ids, mask, positions, Q, rmask, logprobs * rmask,
                           ref_logprobs * rmask, values, scores, rewards, kl, advantages, returns,
-                          entropy)
+                          entropy, value_hidden if c.value_train == "head" else None)
         return rollout, {"time_generate": t1 - t0, "time_score": t2 - t1}
+
+    def _sample(self, prompts: Sequence[Sequence[Message]], params: Any,
+                ) -> list[tuple[str, list[int]]]:
+        """One answer per prompt, in one batched call. Sampling is seeded per (prompt, sample
+        index), so a prompt that occurs c times in the batch is asked for c samples (n = c),
+        and its k-th occurrence gets sample k (else the copies would be identical)."""
+        from collections import Counter
+        from dataclasses import replace
+
+        keys = [json.dumps(p, sort_keys=True) for p in prompts]
+        counts = Counter(keys)
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        samples: dict[str, list[tuple[str, list[int]]]] = {}
+        for c in sorted(set(counts.values())):  # usually one call: every prompt once
+            uniq = [k for k in counts if counts[k] == c]
+            out = self.generator.generate_with_ids([prompts[first[k]] for k in uniq],
+                                                   replace(params, n=c))
+            for j, k in enumerate(uniq):
+                samples[k] = out[j * c : (j + 1) * c]
+        taken: Counter[str] = Counter()
+        result = []
+        for k in keys:
+            result.append(samples[k][taken[k]])
+            taken[k] += 1
+        return result
 
     # -- learning ------------------------------------------------------------------------------
 
@@ -496,9 +533,12 @@ class PPOTrainer:
                 ids, mask, pos = r.input_ids[i], r.attention_mask[i], r.position_ids[i]
                 rmask = r.response_mask[i]
                 logprobs, _ = answer_logprobs(self.policy, ids, mask, pos, r.query_width)
-                values = ValueHead(acc.unwrap_model(self.value))(ids, mask, pos) \
-                    if acc.num_processes == 1 else self._ddp_values(ids, mask, pos)
-                values = values[:, r.query_width - 1 : -1]
+                if r.value_hidden is not None:  # value_train="head": no backbone pass
+                    values = self.value_head.head(r.value_hidden[i]).squeeze(-1).float()
+                else:
+                    values = ValueHead(acc.unwrap_model(self.value))(ids, mask, pos) \
+                        if acc.num_processes == 1 else self._ddp_values(ids, mask, pos)
+                    values = values[:, r.query_width - 1 : -1]
                 pg_loss, vf_loss, clip_frac = ppo_losses(
                     logprobs, r.logprobs[i], r.advantages[i], values, r.values[i], r.returns[i],
                     rmask, c.cliprange, c.cliprange_value)
