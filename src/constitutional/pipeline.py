@@ -35,7 +35,7 @@ from typing import Any
 
 from constitutional.config import RunConfig
 from constitutional.errors import UserError
-from constitutional.store import JsonlStore, atomic_write_text, read_jsonl, stable_hash
+from constitutional.store import JsonlStore, atomic_write_text, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -408,8 +408,3 @@ def _yaml(data: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def ppo_log(run_dir: Path) -> list[dict[str, Any]]:
-    file = Path(run_dir) / "ppo" / "ppo_log.jsonl"
-    return list({r["step"]: r for r in read_jsonl(file)}.values()) if file.exists() else []

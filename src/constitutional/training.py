@@ -41,3 +41,29 @@ def trainer_args(*, output_dir: str, epochs: float, learning_rate: float, batch_
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "use_cpu": not torch.cuda.is_available(),
     }
+
+
+def trainable_model_path(spec: str) -> str:
+    """A local directory for a model spec that can be trained (the built-in model is converted
+    once; a hub id is returned as is); an HTTP model is a one-line error."""
+    from constitutional.errors import UserError
+    from constitutional.models import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.backend != "hf":
+        raise UserError(f"cannot finetune {spec!r}: training needs a local or hub model",
+                        field="model")
+    if parsed.builtin:
+        from constitutional.models.builtin import ensure_checkpoint
+
+        return str(ensure_checkpoint(parsed.builtin))
+    return parsed.target
+
+
+def process_state() -> Any:
+    """accelerate's process state: one process, or this one of ``accelerate launch``'s. On a
+    machine without CUDA the processes use CPU and gloo (as the Trainer's ``use_cpu`` does)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -105,9 +105,8 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from constitutional.sl.train import _model_path
     from constitutional.sources import split_of
-    from constitutional.training import LogCallback, trainer_args
+    from constitutional.training import LogCallback, trainable_model_path, trainer_args
 
     config.validate()
     t0 = time.perf_counter()
@@ -116,7 +115,7 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     held = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "test"]
     if not train:
         raise UserError("no training pairs after the held-out split", field="eval_fraction")
-    path = _model_path(config.policy)
+    path = trainable_model_path(config.policy)
     out = Path(config.out)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

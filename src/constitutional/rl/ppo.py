@@ -218,12 +218,6 @@ class ValueHead:
         return self.head(self.hidden(input_ids, attention_mask, position_ids)).squeeze(-1).float()
 
 
-def _model_dir(spec: str) -> str:
-    from constitutional.sl.train import _model_path
-
-    return _model_path(spec)
-
-
 # ------------------------------------------------------------------------------------------------
 # batches of token ids
 
@@ -346,6 +340,7 @@ class PPOTrainer:
         )
 
         from constitutional.models.hf import HFModel
+        from constitutional.training import trainable_model_path
 
         config.validate()
         self.config = config
@@ -356,7 +351,7 @@ class PPOTrainer:
             raise UserError(f"rollout_batch {config.rollout_batch} must divide over "
                             f"{acc.num_processes} processes", field="rollout_batch")
         torch.manual_seed(config.seed)
-        policy_dir = _model_dir(config.policy)
+        policy_dir = trainable_model_path(config.policy)
         self.tokenizer = AutoTokenizer.from_pretrained(policy_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -372,19 +367,18 @@ class PPOTrainer:
         else:
             self.ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
             self.ref.requires_grad_(False).eval().to(acc.device)
-        value_dir = config.value_model or config.pm
-        if value_dir is None:
+        value_spec = config.value_model or config.pm
+        if value_spec is None:
             raise UserError("PPO needs a value model: give --pm (or value_model)", field="pm")
         value = AutoModelForSequenceClassification.from_pretrained(
-            _model_dir(value_dir), num_labels=1, dtype=torch.float32)
+            trainable_model_path(value_spec), num_labels=1, dtype=torch.float32)
         _no_dropout(value)
-        if config.value_train == "head":  # the PM's features stay fixed; only the head learns
-            value.requires_grad_(False)
-            head = getattr(value, "score", None) or value.classifier
-            head.requires_grad_(True)
-        if len(AutoTokenizer.from_pretrained(_model_dir(value_dir))) != len(self.tokenizer):
+        if value.config.vocab_size != policy.config.vocab_size:
             raise UserError("the value model must share the policy's tokenizer (it reads the "
                             "policy's tokens)", field="value_model")
+        if config.value_train == "head":  # the PM's features stay fixed; only the head learns
+            value.requires_grad_(False)
+            ValueHead(value).head.requires_grad_(True)
         if rewarder is None:
             if config.pm is None:
                 raise UserError("PPO needs a reward: give --pm", field="pm")
@@ -750,6 +744,6 @@ def ppo_train(config: PPOConfig, *, rewarder: Rewarder | None = None,
     """Run PPO (resuming from the newest checkpoint in ``config.out`` when ``resume``)."""
     trainer = PPOTrainer(config, rewarder=rewarder, prompts=prompts)
     result = trainer.train(on_step=on_step)
-    if math.isnan(result.log[-1]["reward_mean"]) if result.log else False:
+    if result.log and math.isnan(result.log[-1]["reward_mean"]):
         log.warning("reward became NaN; lower the learning rate")
     return result

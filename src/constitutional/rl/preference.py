@@ -425,7 +425,9 @@ def pm_train(config: PMConfig) -> PMResult:
              sum(r.source == "human" for r in train_rows), len(eval_rows))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    main = _is_main_process()  # under `accelerate launch`, only the main process writes files
+    from constitutional.training import process_state
+
+    main = process_state().is_main_process  # under `accelerate launch`, only the main process writes files
     if main:
         atomic_write_jsonl(out / "pm.heldout.jsonl", [r.to_row() for r in eval_rows])
     metrics = _train(config, train_rows, eval_rows)
@@ -438,19 +440,6 @@ def pm_train(config: PMConfig) -> PMResult:
     return PMResult(out, metrics)
 
 
-def _is_main_process() -> bool:
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
-
-
-def _model_path(spec: str) -> str:
-    from constitutional.sl.train import _model_path as sl_model_path
-
-    return sl_model_path(spec)
-
-
 def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Comparison],
            ) -> dict[str, Any]:
     import torch
@@ -459,9 +448,9 @@ def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Compa
     from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig
 
-    from constitutional.training import LogCallback, trainer_args
+    from constitutional.training import LogCallback, trainable_model_path, trainer_args
 
-    path = _model_path(config.model)
+    path = trainable_model_path(config.model)
     out = Path(config.out)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -532,16 +521,6 @@ class PMEval:
     rows: list[dict[str, Any]]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = None) -> PMEval:
     """Accuracy of ``pm`` on a comparison file: ``prompt``/``chosen``/``rejected``, HH-RLHF
     transcripts, or the paper's multiple-choice rows (``text_correct``/``text_incorrect``).
@@ -573,7 +552,9 @@ def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = No
     if not rows:
         raise UserError("no decided comparisons to evaluate", file=file, line=1)
     k = sum(r["correct"] for r in rows)
-    return PMEval(k / len(rows), k, len(rows), wilson(k, len(rows)), rows)
+    from constitutional.evaluate.mc import wilson_interval
+
+    return PMEval(k / len(rows), k, len(rows), wilson_interval(k, len(rows)), rows)
 
 
 def _mc_messages(text: str) -> list[Message]:

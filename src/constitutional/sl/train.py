@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from constitutional.errors import UserError
-from constitutional.models import SamplingParams, load_model, parse_spec
+from constitutional.models import SamplingParams, load_model
 from constitutional.sources import load_prompts, split_of
 from constitutional.store import JsonlStore, RunDir, atomic_write_text, stable_hash
 
@@ -141,18 +141,6 @@ def helpful_samples(config: SLTrainConfig, n: int, run: RunDir) -> list[dict[str
     return [store.get(ids[p.id]) for p in prompts if ids[p.id] in store]
 
 
-def _model_path(spec: str) -> str:
-    parsed = parse_spec(spec)
-    if parsed.backend != "hf":
-        raise UserError(f"cannot finetune {spec!r}: training needs a local or hub model",
-                        field="model")
-    if parsed.builtin:
-        from constitutional.models.builtin import ensure_checkpoint
-
-        return str(ensure_checkpoint(parsed.builtin))
-    return parsed.target
-
-
 def sl_train(config: SLTrainConfig) -> SLTrainResult:
     """Finetune ``config.model`` on the revisions (+ helpful samples); save to ``out_dir``."""
     config.validate()
@@ -162,7 +150,9 @@ def sl_train(config: SLTrainConfig) -> SLTrainResult:
     run = RunDir(data_dir)
     r = config.helpful_ratio
     n_helpful = round(len(revisions) * r / (1 - r)) if config.helpful else 0
-    state = _process_state()
+    from constitutional.training import process_state
+
+    state = process_state()
     with state.main_process_first():  # main generates; the others read what it wrote
         helpful = helpful_samples(config, n_helpful, run)
     rows = [dict(row, kind="revision") for row in revisions] + [
@@ -191,15 +181,6 @@ def sl_train(config: SLTrainConfig) -> SLTrainResult:
     return SLTrainResult(config.out_dir, metrics, state.is_main_process)
 
 
-def _process_state() -> Any:
-    """accelerate's process state: one process, or this one of ``accelerate launch``'s. On a
-    machine without CUDA the processes use CPU and gloo (as the Trainer's ``use_cpu`` does)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def _train(config: SLTrainConfig, train_rows: list[dict[str, Any]],
            eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
@@ -208,9 +189,9 @@ def _train(config: SLTrainConfig, train_rows: list[dict[str, Any]],
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from constitutional.training import LogCallback, trainer_args
+    from constitutional.training import LogCallback, trainable_model_path, trainer_args
 
-    path = _model_path(config.model)
+    path = trainable_model_path(config.model)
     out = config.out_dir
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
