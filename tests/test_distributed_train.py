@@ -2,8 +2,20 @@
 
 `run_accelerate` launches any `cai` command the way a user does on a multi-GPU machine
 (`accelerate launch --config_file configs/accelerate/… -m constitutional …`), here with
-`configs/accelerate/cpu_2proc.yaml`; the preference-model and RL trainers can be tested the same
-way.
+`configs/accelerate/cpu_2proc.yaml`. SFT, the preference model, DPO and PPO each train once on
+one process and once on two with the same global batch; the losses and the final weights must
+agree to float32 rounding.
+
+Why the tolerances are what they are (all four tests). Same rows, same order, and every loss
+averaged over the whole global batch, so the gradients are mathematically equal; only float32
+summation order differs (one batched sum vs two partial sums + a gloo all-reduce, and other
+padding widths). Measured: relative loss differences ~1e-7 (float32 eps) and weights within
+~1e-7. We allow rel 1e-4 on the losses and 1e-5 absolute on the weights, which training moves by
+~1e-3 or more: far above rounding noise, far below what a real bug gives. Examples of such bugs,
+each of which changes the losses in the second or third digit: per-process instead of global
+token averaging, a different sample order, a dropped shard, or a process that trains without
+gradient synchronisation, which is what `trainer.evaluate()` before `trainer.train()` caused
+(the evaluation prepares the model, and `train()` then skips the DDP wrapper).
 """
 
 from __future__ import annotations
@@ -52,60 +64,67 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
              "completion": [{"role": "assistant", "content": text(4, 30)}]} for i in range(n)]
 
 
-@pytest.mark.slow
-def test_sft_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+def weight_gap(base: Path, one: Path, two: Path) -> tuple[float, float]:
+    """How far training moved the weights (1 process), and how far 2 processes ended from 1."""
     from safetensors.torch import load_file
 
+    w0, w1, w2 = (load_file(str(d / "model.safetensors")) for d in (base, one, two))
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1 if k in w0)
+    differ = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    return moved, differ
+
+
+def train_losses(metrics: dict) -> list[float]:
+    return [e["loss"] for e in metrics["train_log"] if "loss" in e]
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from constitutional.sources import split_of
+    from constitutional.store import stable_hash
+
+    # 20 training rows (divisible by the global batch) and a held-out set, as `sl train` splits
+    # them by id: with a held-out set the trainer evaluates before training, which is what once
+    # left the model without its DDP wrapper
+    rows, n_train = [], 0
+    for i, row in enumerate(sft_rows(60)):
+        row["id"] = stable_hash("sft", i)
+        is_train = split_of(row["id"], 0.2) == "train"
+        if is_train and n_train == 20:
+            continue
+        n_train += is_train
+        rows.append(row)
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(20)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def train(nproc: int, per_device_batch: int) -> tuple[dict, str]:
         out = tmp_path / f"model-{nproc}"
         stdout = run_accelerate(
             ["sl", "train", "--data", str(data), "-m", str(tiny_model_dir), "--out", str(out),
-             "--epochs", "3", "--batch-size", str(per_device_batch), "--eval-fraction", "0",
+             "--epochs", "3", "--batch-size", str(per_device_batch), "--eval-fraction", "0.2",
              "--learning-rate", "1e-3"], nproc)
         return json.loads((out / "sl_train.json").read_text())["metrics"], stdout
 
-    # the same global batch (4): 4 on one process, 2 on each of two
+    # the same global batch (4): 4 on one process, 2 on each of two; batch i of 4 = batches 2i,
+    # 2i+1 of 2 split over the ranks; the loss is averaged over the tokens of the whole global
+    # batch (transformers' average_tokens_across_devices)
     one, _ = train(1, 4)
     two, stdout = train(2, 2)
     assert (one["processes"], two["processes"]) == (1, 2)
     assert stdout.count("sl train ·") == 1  # only the main process reports
-
-    # Tolerance. Same rows, same order (seeded sampler, batch i of 4 = batches 2i, 2i+1 of 2
-    # split over the ranks) and the loss averaged over the tokens of the whole global batch
-    # (transformers' average_tokens_across_devices), so the gradients are mathematically equal;
-    # only float32 summation order differs (one batched sum vs. two partial sums + a gloo
-    # all-reduce). Measured: relative loss differences ~1e-7 (float32 eps) and weights within
-    # 1.2e-7 after 15 steps. We allow rel 1e-4 on the losses and 1e-5 on the weights (training
-    # moved them by ~8e-3): far above rounding noise, far below what a real bug gives (per-rank
-    # instead of global token averaging, a different sample order, or a dropped shard of the data
-    # change the loss in the second or third digit).
-    losses_1 = [e["loss"] for e in one["train_log"] if "loss" in e]
-    losses_2 = [e["loss"] for e in two["train_log"] if "loss" in e]
-    assert len(losses_1) == len(losses_2) == 3 and one["steps"] == two["steps"] == 15
-    assert losses_2 == pytest.approx(losses_1, rel=1e-4)
+    assert one["steps"] == two["steps"] == 15
+    losses_1, losses_2 = train_losses(one), train_losses(two)
+    assert len(losses_1) == 3 and losses_2 == pytest.approx(losses_1, rel=1e-4)
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
-    assert losses_1[-1] < losses_1[0]  # it did learn
-
-    w0 = load_file(str(tiny_model_dir / "model.safetensors"))
-    w1 = load_file(str(tmp_path / "model-1" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "model-2" / "model.safetensors"))
-    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
-    differ = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert two["eval_loss_after"] == pytest.approx(one["eval_loss_after"], rel=1e-4)
+    assert one["eval_loss_after"] < one["eval_loss_before"]  # it did learn
+    moved, differ = weight_gap(tiny_model_dir, tmp_path / "model-1", tmp_path / "model-2")
     assert moved > 1e-3 and differ < 1e-5, (moved, differ)
 
 
 @pytest.mark.slow
-def test_pm_trains_on_two_processes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The soft-label PM under DDP with 2 CPU processes: it starts from the same weights as one
-    process (the new head is seeded), trains, writes its files once, and separates the pairs.
-
-    Not yet asserted: the same loss as one process. SFT matches to float32 rounding, but the
-    PM's 2-process loss curve differs from the 1-process one by ~1–2% (0.510 vs 0.501 train
-    loss), while 1 process with batch 4 × 2 accumulation matches batch 8 exactly; the cause is
-    still open."""
+def test_pm_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The soft-label PM: 48 training comparisons, global batch 8 (8 × 1 process, 4 × 2)."""
     from test_pm import marker_pairs
 
     data = marker_pairs(tmp_path / "prefs.jsonl", n=64)
@@ -120,5 +139,92 @@ def test_pm_trains_on_two_processes(tiny_model_dir: Path, tmp_path: Path) -> Non
     one, two = train(1, 8), train(2, 4)
     assert one["steps"] == two["steps"] == 12  # 48 train comparisons / global batch 8 × 2 epochs
     assert two["eval_loss_before"] == pytest.approx(one["eval_loss_before"], rel=1e-5)
-    assert two["eval_loss"] < two["eval_loss_before"] and two["eval_accuracy"] >= 0.9
-    assert (tmp_path / "pm-2" / "model.safetensors").exists()
+    losses_1, losses_2 = train_losses(one), train_losses(two)
+    assert len(losses_1) >= 2 and losses_2 == pytest.approx(losses_1, rel=1e-4)
+    # (not `train_loss`: the Trainer adds the steps after the last logging step from the main
+    # process's own losses, so with 12 steps logged every 5 it is partly one process's figure)
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+    assert one["eval_loss"] < one["eval_loss_before"] and one["eval_accuracy"] >= 0.9
+    moved, differ = weight_gap(tiny_model_dir, tmp_path / "pm-1", tmp_path / "pm-2")
+    assert moved > 1e-3 and differ < 1e-5, (moved, differ)
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """TRL's DPOTrainer with our soft-label orientation: 40 training pairs, global batch 8."""
+    from test_pm import marker_pairs
+
+    from constitutional.rl.preference import load_comparisons
+    from constitutional.sources import split_of
+    from constitutional.store import stable_hash
+
+    data = marker_pairs(tmp_path / "all.jsonl", n=200)
+    lines = data.read_text().splitlines()
+    ids = [c.id for c in load_comparisons(data)]
+    # 40 training and 8 held-out pairs (the split is by id): whole global batches, so that no
+    # process pads its last batch with repeated pairs and the held-out means average equal batches
+    keep, count = [], {"train": 0, "test": 0}
+    for line, cid in zip(lines, ids, strict=True):
+        split = split_of(stable_hash(cid), 0.1)
+        if count[split] < {"train": 40, "test": 8}[split]:
+            count[split] += 1
+            keep.append(line)
+    assert count == {"train": 40, "test": 8}
+    labels = tmp_path / "prefs.jsonl"
+    labels.write_text("\n".join(keep) + "\n")
+
+    def train(nproc: int, per_device_batch: int) -> dict:
+        out = tmp_path / f"dpo-{nproc}"
+        run_accelerate(["rl", "train", "--algo", "dpo", "--labels", str(labels), "--policy",
+                        str(tiny_model_dir), "--out", str(out), "--epochs", "2",
+                        "--batch-size", str(per_device_batch), "--learning-rate", "1e-3"], nproc)
+        return json.loads((out / "dpo.json").read_text())["metrics"]
+
+    one, two = train(1, 8), train(2, 4)
+    assert (one["train_pairs"], one["eval_pairs"]) == (40, 8) and one["steps"] == two["steps"] == 10
+    losses_1, losses_2 = train_losses(one), train_losses(two)
+    assert len(losses_1) >= 2 and losses_2 == pytest.approx(losses_1, rel=1e-4)
+    assert two["eval_margin"] == pytest.approx(one["eval_margin"], rel=1e-4)
+    assert one["eval_margin"] > one["eval_margin_before"] + 0.1  # it did learn
+    moved, differ = weight_gap(tiny_model_dir, tmp_path / "dpo-1", tmp_path / "dpo-2")
+    assert moved > 1e-3 and differ < 1e-5, (moved, differ)
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Our PPO: 8 prompts per step (8 on one process, 4 + 4 on two), one minibatch per epoch.
+    Each process samples its own prompts (sampling is seeded per prompt, so the answers do not
+    depend on the process), advantages are whitened over the whole rollout and the token means
+    are taken over all processes' tokens, so the updates are the one-process updates.
+
+    The policy is a peaked tiny Llama: sampling from a near-uniform distribution over 49k tokens
+    turns float32 noise (other batch widths on other processes) into a different token every few
+    hundred draws, which would make the runs part for a reason that has nothing to do with
+    training. Three steps for the same reason: at lr 1e-3 the policy is ~5 nats from the
+    reference by step 4, and there (measured) one sampled token of the 96 already differs.""" 
+    from constitutional.testing import make_tiny_llama, make_tiny_pm
+
+    policy = make_tiny_llama(tmp_path / "policy", tiny_model_dir, initializer_range=0.6)
+    pm = make_tiny_pm(tmp_path / "pm", tiny_model_dir, seed=1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about thing {i}, please."}) + "\n"
+                               for i in range(16)))
+
+    def train(nproc: int) -> list[dict]:
+        out = tmp_path / f"ppo-{nproc}"
+        run_accelerate(["rl", "train", "--algo", "ppo", "--policy", str(policy), "--pm",
+                        str(pm), "--prompts", str(prompts), "--out", str(out), "--steps", "3",
+                        "--rollout-batch", "8", "--minibatch", "8", "--ppo-epochs", "2",
+                        "--max-new-tokens", "12", "--learning-rate", "1e-3", "--kl-coef",
+                        "0.05"], nproc)
+        return [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().splitlines()]
+
+    one, two = train(1), train(2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        for key in ("reward_mean", "score_mean", "kl", "policy_loss", "value_loss",
+                    "response_len", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert max(abs(r["kl"]) for r in one) > 1e-4  # the policy did move away from the reference
+    moved, differ = weight_gap(policy, tmp_path / "ppo-1", tmp_path / "ppo-2")
+    assert moved > 1e-3 and differ < 1e-5, (moved, differ)

@@ -122,7 +122,7 @@ def test_pipeline_resumes_after_a_kill(tiny_model_dir, tmp_path):
 
 def test_pipeline_with_the_ray_executor_matches_local(tiny_model_dir, tmp_path):
     """`cai run … --set executor=ray` (2 local actors) completes, with the same SL traces and
-    pairs as the single-process run."""
+    pairs as the single-process run, and the eval answers of the one-process model."""
     local, ray_run = tmp_path / "local", tmp_path / "ray"
     only = [a for s in ("revise", "sl_train", "sample", "label") for a in ("--only", s)]
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(local), *only,
@@ -140,3 +140,16 @@ def test_pipeline_with_the_ray_executor_matches_local(tiny_model_dir, tmp_path):
 
     assert answers(local) == answers(ray_run)
     assert (ray_run / "report.html").exists()
+
+    # the eval stage's answers came from Ray shards too; the base model's (greedy) are the ones
+    # this process gives
+    from constitutional.models import SamplingParams, load_model
+
+    assert list((ray_run / "eval" / "shards" / "answer-initial").glob("*.done"))
+    rows = [json.loads(x) for x in (ray_run / "eval/answers.jsonl").read_text().splitlines()]
+    initial = [r for r in rows if r["checkpoint"] == "initial"]
+    assert len(initial) == 6 and {r["checkpoint"] for r in rows} == {"initial", "sl-cai",
+                                                                     "rl-cai"}
+    again = load_model(str(tiny_model_dir)).generate(
+        [r["prompt"] for r in initial], SamplingParams(temperature=0.0, max_new_tokens=16))
+    assert [r["answer"] for r in initial] == again

@@ -358,6 +358,8 @@ def checkpoints(pl: Pipeline) -> dict[str, str]:
 
 
 def _eval(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.evaluate.answers import RECORDS as ANSWERS
+    from constitutional.evaluate.answers import AnswerConfig, answer_rows
     from constitutional.evaluate.elo import make_judge, run_elo
     from constitutional.evaluate.evasive import run_evasiveness
     from constitutional.evaluate.revision_curve import run_revision_curve
@@ -370,20 +372,23 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     sets = {"harmless": load_prompts(c.red_team, limit=e.prompts, seed=c.seed, split="test"),
             "helpful": load_prompts(c.helpful, limit=e.prompts, seed=c.seed, split="test")}
-    params = SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens)
-    store = JsonlStore(out / "answers.records.jsonl")
+    answer = AnswerConfig(SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens))
+    store = JsonlStore(out / ANSWERS)
+    ray_options = pl.ray_options()
     for name, spec in checkpoints(pl).items():
-        todo = [(kind, p) for kind, ps in sets.items() for p in ps
-                if stable_hash(name, kind, p.id) not in store]
+        todo = [{"id": stable_hash(name, kind, p.id), "checkpoint": name, "kind": kind,
+                 "prompt_id": p.id, "prompt": p.messages} for kind, ps in sets.items() for p in ps]
+        todo = [r for r in todo if r["id"] not in store]
         if not todo:
             continue
         log.info("eval: answering %d held-out prompts with %s", len(todo), name)
-        lm = _model(spec, c)
-        answers = lm.generate([p.messages for _, p in todo], params)
-        store.append({"id": stable_hash(name, kind, p.id), "checkpoint": name, "kind": kind,
-                      "prompt_id": p.id, "prompt": p.messages, "answer": a}
-                     for (kind, p), a in zip(todo, answers, strict=True))
-        del lm
+        if ray_options is not None:
+            from constitutional.distributed.ray import ray_answer
+
+            ray_answer(todo, spec, answer, out, ray_options, name)
+        else:
+            answer_rows(_model(spec, c), todo, answer, out)
+        store = JsonlStore(out / ANSWERS)  # re-read: the records were appended by another writer
     order = {n: i for i, n in enumerate(checkpoints(pl))}
     rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],
                                                   r["prompt_id"]))

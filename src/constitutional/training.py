@@ -28,7 +28,13 @@ def trainer_args(*, output_dir: str, epochs: float, learning_rate: float, batch_
                  evaluate: str) -> dict[str, Any]:
     """The TrainingArguments our three TRL trainers (SFT, reward, DPO) share: cosine schedule
     with 5% warm-up, two kept checkpoints, no reporting or progress bars, bf16 on GPUs that have
-    it, and the CPU when there is no GPU."""
+    it, and the CPU when there is no GPU.
+
+    The held-out set is evaluated once before training with ``eval_on_start`` (see
+    :func:`eval_before`), inside ``train()``, never by a ``trainer.evaluate()`` call beforehand:
+    that call prepares the model for evaluation, which marks it as prepared, and ``train()`` then
+    skips the DDP wrapper, so under ``accelerate launch`` every process silently trains its own
+    copy on its own shard (no gradient all-reduce), and the main process saves its copy."""
     import torch
 
     return {
@@ -36,11 +42,21 @@ def trainer_args(*, output_dir: str, epochs: float, learning_rate: float, batch_
         "per_device_train_batch_size": batch_size, "per_device_eval_batch_size": batch_size,
         "gradient_accumulation_steps": grad_accum, "logging_steps": logging_steps,
         "save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 2, "eval_strategy": evaluate,
+        "eval_on_start": evaluate != "no",
         "report_to": "none", "seed": seed, "data_seed": seed, "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05, "dataloader_num_workers": 0, "disable_tqdm": True,
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "use_cpu": not torch.cuda.is_available(),
     }
+
+
+def eval_before(trainer: Any) -> dict[str, Any]:
+    """The held-out metrics before training: the step-0 evaluation of ``eval_on_start`` (kept in
+    the checkpoint's log history, so a resumed run reports the first launch's figures)."""
+    for entry in trainer.state.log_history:
+        if entry.get("step") == 0 and any(k.startswith("eval_") for k in entry):
+            return entry
+    return {}
 
 
 def trainable_model_path(spec: str) -> str:

@@ -1,4 +1,5 @@
-"""``--executor ray``: ``sl revise``, ``rl sample`` and ``rl label`` on Ray actors.
+"""``--executor ray``: ``sl revise``, ``rl sample``, ``rl label`` and the eval stage's answers
+on Ray actors.
 
 We do not schedule anything ourselves; Ray does. What this module adds is the bookkeeping that
 keeps a distributed run identical to a single-process one and safe to kill:
@@ -97,8 +98,19 @@ def _run_label(lm: LanguageModel, items: Sequence[Any], config: Any, out: Path) 
             "records": JsonlStore(out / RECORDS).records()}
 
 
+def _run_answer(lm: LanguageModel, items: Sequence[Any], config: Any, out: Path) -> dict[str, Any]:
+    from constitutional.evaluate.answers import RECORDS, answer_rows
+
+    before = lm.stats.to_dict()
+    answered = answer_rows(lm, items, config, out)
+    stats = {k: v - before[k] for k, v in lm.stats.to_dict().items()
+             if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"items": len(items), "computed": answered, "resumed": len(items) - answered,
+            "stats": stats, "records": JsonlStore(out / RECORDS).records()}
+
+
 _SHARD_RUNNERS: dict[str, Callable[[LanguageModel, Sequence[Any], Any, Path], dict[str, Any]]] = {
-    "revise": _run_revise, "sample": _run_sample, "label": _run_label,
+    "revise": _run_revise, "sample": _run_sample, "label": _run_label, "answer": _run_answer,
 }
 
 
@@ -272,15 +284,16 @@ class _Cluster:
 
 def run_sharded(stage: str, spec: str, config: Any, items: Sequence[Any],
                 ids: Sequence[str], out: str | Path, options: RayOptions,
-                records_file: str) -> ShardedRun:
+                records_file: str, name: str | None = None) -> ShardedRun:
     """Run ``stage`` over ``items`` (with record ids ``ids``) in shards on Ray actors, merging
     each finished shard's records into ``out/records_file``. The caller then writes the final
-    outputs (see the module docstring)."""
+    outputs (see the module docstring). ``name`` names the shards' directory (default: the
+    stage), for a stage that runs more than once in one directory."""
     options.validate()
     parse_spec(spec)  # a bad model spec is one line here, not an actor failure
     t0 = time.perf_counter()
     run = RunDir(out)
-    shards_dir = run.path / SHARDS_DIR / stage
+    shards_dir = run.path / SHARDS_DIR / (name or stage)
     num_shards = _resolve_shards(shards_dir, options)
     cluster: _Cluster | None = None
     try:
@@ -394,7 +407,7 @@ def _dispatch(cluster: _Cluster, stage: str, spec: str, config: Any, shards: lis
 
 
 # ------------------------------------------------------------------------------------------------
-# the three stages
+# the stages
 
 
 def ray_revise(config: Any, options: RayOptions) -> Any:
@@ -482,3 +495,14 @@ def ray_label(pairs: Sequence[dict[str, Any]], config: Any, out: str | Path,
                     "executor": sharded.executor()})
     atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
     return result
+
+
+def ray_answer(rows: Sequence[dict[str, Any]], spec: str, config: Any, out: str | Path,
+               options: RayOptions, name: str) -> ShardedRun:
+    """The eval stage's answers of one checkpoint (``spec``) on Ray: the same records in
+    ``out/answers.records.jsonl`` as :func:`~constitutional.evaluate.answers.answer_rows` in this
+    process; shards under ``out/shards/answer-<name>``."""
+    from constitutional.evaluate.answers import RECORDS
+
+    return run_sharded("answer", spec, config, rows, [r["id"] for r in rows], out, options,
+                       RECORDS, name=f"answer-{name}")

@@ -106,7 +106,7 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     from trl import DPOConfig, DPOTrainer
 
     from constitutional.sources import split_of
-    from constitutional.training import LogCallback, trainable_model_path, trainer_args
+    from constitutional.training import LogCallback, eval_before, trainable_model_path, trainer_args
 
     config.validate()
     t0 = time.perf_counter()
@@ -144,12 +144,12 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     trainer.add_callback(LogCallback())
     metrics: dict[str, Any] = {"label_smoothing": smoothing, "pairs": len(rows),
                                "train_pairs": len(train), "eval_pairs": len(held)}
-    if eval_ds is not None:
-        before = trainer.evaluate()
-        metrics["eval_margin_before"] = before.get("eval_rewards/margins")
-        metrics["eval_accuracy_before"] = before.get("eval_rewards/accuracies")
     resume = config.resume and any(checkpoints.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
+    if eval_ds is not None:
+        before = eval_before(trainer)
+        metrics["eval_margin_before"] = before.get("eval_rewards/margins")
+        metrics["eval_accuracy_before"] = before.get("eval_rewards/accuracies")
     metrics["train_loss"] = result.training_loss
     metrics["steps"] = result.global_step
     metrics["train_log"] = [

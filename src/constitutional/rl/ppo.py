@@ -30,6 +30,12 @@ uninterrupted run with the same seed. Nothing here uses pickle.
 
 Distribution: under ``accelerate launch`` each process takes its share of every rollout batch
 and gradients are averaged by accelerate (DDP); logged statistics are gathered over processes.
+Advantages are whitened with the statistics of the whole rollout, and each minibatch's token
+means are taken over the tokens of all processes (a process's sum is divided by the global token
+count, then DDP's gradient average is undone by the process count), so with one minibatch per
+epoch N processes compute the same update as one. With several minibatches each process draws
+its share of a minibatch from its own rows: the same size and statistics, other rows than one
+process would draw.
 """
 
 from __future__ import annotations
@@ -161,28 +167,38 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return advantages, (advantages + values) * mask
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, denom=None):
+    """The mean of ``x`` over ``mask``; ``denom`` replaces the local token count (distributed
+    training divides by the count over all processes)."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
 
 
-def whiten(x, mask, eps: float = 1e-8):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x, mask, eps: float = 1e-8, all_sum=None):
+    """Zero mean, unit variance over the masked entries; ``all_sum`` sums a tensor over the
+    processes, so that all of them use the statistics of the whole batch."""
+    import torch
+
+    all_sum = all_sum or (lambda t: t)
+    n, total = all_sum(torch.stack([mask.sum(), (x * mask).sum()]).double())
+    mean = (total / n.clamp(min=1)).to(x.dtype)
+    var = (all_sum(((x - mean) ** 2 * mask).sum().double()) / n.clamp(min=1)).to(x.dtype)
     return (x - mean) * (var + eps).rsqrt() * mask
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask,
-               cliprange: float, cliprange_value: float):
-    """The clipped surrogate (policy) loss, the clipped value loss, and the clip fraction."""
+               cliprange: float, cliprange_value: float, denom=None):
+    """The clipped surrogate (policy) loss, the clipped value loss, and the clip fraction, as
+    token means (over ``denom`` tokens when given)."""
     import torch
 
     ratio = torch.exp(logprobs - old_logprobs)
     pg1 = -advantages * ratio
     pg2 = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
-    pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+    pg_loss = masked_mean(torch.max(pg1, pg2), mask, denom)
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
-    clip_frac = masked_mean((pg2 > pg1).float(), mask)
+    vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask,
+                                denom)
+    clip_frac = masked_mean((pg2 > pg1).float(), mask, denom)
     return pg_loss, vf_loss, clip_frac
 
 
@@ -474,7 +490,7 @@ class PPOTrainer:
                                                self.kl_ctl.beta)
             advantages, returns = gae(rewards, values, rmask, c.gamma, c.lam)
             if c.whiten_advantages:
-                advantages = whiten(advantages, rmask)
+                advantages = whiten(advantages, rmask, all_sum=self._all_sum)
         t2 = time.perf_counter()
         rollout = Rollout(prompts, answers, ids, mask, positions, Q, rmask, logprobs * rmask,
                           ref_logprobs * rmask, values, scores, rewards, kl, advantages, returns,
@@ -533,24 +549,32 @@ class PPOTrainer:
                     values = ValueHead(acc.unwrap_model(self.value))(ids, mask, pos) \
                         if acc.num_processes == 1 else self._ddp_values(ids, mask, pos)
                     values = values[:, r.query_width - 1 : -1]
+                # token means over the minibatch's tokens on all processes; × processes undoes
+                # DDP's gradient average, so the update is the one-process update
+                tokens = self._all_sum(rmask.sum().detach()).clamp(min=1)
                 pg_loss, vf_loss, clip_frac = ppo_losses(
                     logprobs, r.logprobs[i], r.advantages[i], values, r.values[i], r.returns[i],
-                    rmask, c.cliprange, c.cliprange_value)
-                loss = (pg_loss + c.vf_coef * vf_loss) / c.grad_accum
+                    rmask, c.cliprange, c.cliprange_value, denom=tokens)
+                loss = (pg_loss + c.vf_coef * vf_loss) * acc.num_processes / c.grad_accum
                 acc.backward(loss)
                 n_micro += 1
                 if n_micro % c.grad_accum == 0:
                     self._optimizer_step()
-                stats["policy_loss"].append(pg_loss.item())
-                stats["value_loss"].append(vf_loss.item())
-                stats["clip_frac"].append(clip_frac.item())
-                stats["approx_kl"].append(
-                    masked_mean(0.5 * (logprobs - r.logprobs[i]) ** 2, rmask).item())
+                approx_kl = masked_mean(0.5 * (logprobs - r.logprobs[i]) ** 2, rmask, tokens)
+                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss),
+                             ("clip_frac", clip_frac), ("approx_kl", approx_kl)):
+                    stats[k].append(v.detach())
         if n_micro % c.grad_accum:
             self._optimizer_step()
         self.policy.eval()
         self.value.eval()
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        # each process holds its share of every minibatch mean: the sum over processes is the mean
+        means = self._all_sum(torch.stack([torch.stack(v).mean() for v in stats.values()]))
+        return dict(zip(stats, means.tolist(), strict=True))
+
+    def _all_sum(self, t):
+        """``t`` summed over the processes (itself on one process)."""
+        return self.accelerator.reduce(t, "sum") if self.accelerator.num_processes > 1 else t
 
     def _ddp_values(self, ids, mask, pos):
         """Values through the DDP-wrapped value model (so its gradients are all-reduced)."""

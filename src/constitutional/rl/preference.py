@@ -448,7 +448,7 @@ def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Compa
     from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig
 
-    from constitutional.training import LogCallback, trainable_model_path, trainer_args
+    from constitutional.training import LogCallback, eval_before, trainable_model_path, trainer_args
 
     path = trainable_model_path(config.model)
     out = Path(config.out)
@@ -485,11 +485,11 @@ def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Compa
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback())
     metrics: dict[str, Any] = {}
-    before = trainer.evaluate()
-    metrics["eval_accuracy_before"] = before.get("eval_accuracy")
-    metrics["eval_loss_before"] = before.get("eval_loss")
     resume = config.resume and any(checkpoints.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
+    before = eval_before(trainer)
+    metrics["eval_accuracy_before"] = before.get("eval_accuracy")
+    metrics["eval_loss_before"] = before.get("eval_loss")
     metrics["train_loss"] = result.training_loss
     metrics["steps"] = result.global_step
     metrics["train_log"] = [

@@ -189,7 +189,7 @@ def _train(config: SLTrainConfig, train_rows: list[dict[str, Any]],
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from constitutional.training import LogCallback, trainable_model_path, trainer_args
+    from constitutional.training import LogCallback, eval_before, trainable_model_path, trainer_args
 
     path = trainable_model_path(config.model)
     out = config.out_dir
@@ -220,10 +220,10 @@ def _train(config: SLTrainConfig, train_rows: list[dict[str, Any]],
     trainer.remove_callback(PrinterCallback)  # the CLI prints the losses; the library logs them
     trainer.add_callback(LogCallback())
     metrics: dict[str, Any] = {}
-    if eval_ds is not None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     resume = config.resume and any(checkpoints.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
+    if eval_ds is not None:
+        metrics["eval_loss_before"] = eval_before(trainer).get("eval_loss")
     metrics["train_loss"] = result.training_loss
     metrics["steps"] = result.global_step
     metrics["train_log"] = [
