@@ -37,27 +37,48 @@ def direct_logprob(model: HFModel, context, option: str) -> float:
 def test_batched_greedy_equals_unbatched(tiny: HFModel) -> None:
     params = SamplingParams(max_new_tokens=24)
     one_by_one = [tiny.generate([p], params)[0] for p in PROMPTS]
-    tiny.max_batch_tokens = 200  # force several batches of different widths
+    budget, tiny.max_batch_tokens = tiny.max_batch_tokens, 200  # several batches, other widths
     try:
         batched = tiny.generate(PROMPTS, params)
     finally:
-        tiny.max_batch_tokens = 32768
+        tiny.max_batch_tokens = budget
     assert batched == one_by_one
     assert all(isinstance(t, str) and t for t in batched)
 
 
 def test_batches_respect_token_budget(tiny: HFModel) -> None:
     lengths = [5, 50, 7, 300, 20, 21, 3]
-    tiny.max_batch_tokens = 400
+    budget, tiny.max_batch_tokens = tiny.max_batch_tokens, 400
     try:
         batches = list(tiny._batches(lengths, extra=40))
     finally:
-        tiny.max_batch_tokens = 32768
+        tiny.max_batch_tokens = budget
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 40) <= 400
         widths = [lengths[i] for i in b]
         assert widths == sorted(widths)  # sorted by length
+
+
+def test_batches_are_balanced_rather_than_leaving_a_small_remainder(tiny: HFModel) -> None:
+    # 32 rows of ~1,000 tokens (+64 new) against a budget that fits 28 per batch: greedy
+    # filling gives 28 + 4 (the 4 cost as many decoding steps as the 28); we cut 16 + 16
+    lengths = [1000 + i for i in range(32)]
+    budget, tiny.max_batch_tokens = tiny.max_batch_tokens, 28 * 1100
+    try:
+        batches = list(tiny._batches(lengths, extra=64))
+    finally:
+        tiny.max_batch_tokens = budget
+    assert [len(b) for b in batches] == [16, 16]
+    assert [i for b in batches for i in b] == list(range(32))
+
+
+def test_default_batch_budget_follows_the_kv_cache_size(tiny: HFModel) -> None:
+    c = tiny.model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (
+        c.hidden_size // c.num_attention_heads) * 4  # float32
+    assert tiny._kv_bytes_per_token() == per_token
+    assert tiny.max_batch_tokens == max(2048, 4 * 2**30 // per_token)
 
 
 def test_score_matches_direct_log_softmax(tiny: HFModel) -> None:

@@ -122,7 +122,14 @@ def test_pipeline_resumes_after_a_kill(tiny_model_dir, tmp_path):
 
 def test_pipeline_with_the_ray_executor_matches_local(tiny_model_dir, tmp_path):
     """`cai run … --set executor=ray` (2 local actors) completes, with the same SL traces and
-    pairs as the single-process run, and the eval answers of the one-process model."""
+    pairs as the single-process run, and the eval answers of the one-process model.
+
+    The model is a peaked tiny Llama: the shards batch other rows together than one process
+    does, and sampling from the near-uniform distribution of a default random tiny model turns
+    float32 noise from other batch widths into a different token every few hundred draws."""
+    from constitutional.testing import make_tiny_llama
+
+    tiny_model_dir = make_tiny_llama(tmp_path / "peaked", tiny_model_dir, initializer_range=0.6)
     local, ray_run = tmp_path / "local", tmp_path / "ray"
     only = [a for s in ("revise", "sl_train", "sample", "label") for a in ("--only", s)]
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(local), *only,
