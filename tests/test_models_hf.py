@@ -235,3 +235,31 @@ def test_shared_prefix_is_reused_across_batches(tiny: HFModel) -> None:
     assert tiny.stats.forward_passes - before == 1 + 3  # one prefix pass, three batches
     for g, w in zip(got, ref, strict=True):
         assert g == pytest.approx(w, abs=1e-4)
+
+
+def test_chunked_prefill_changes_nothing(tiny: HFModel) -> None:
+    """With a small prefill budget, generation prefills the prompts a few rows per pass into
+    its preallocated cache, and scoring runs a few rows per pass; both equal one big pass."""
+    prompts = [FEW_SHOT + f"Now the real question number {i}{'?' * i}" for i in range(7)]
+    contexts = [p + " The answer is: (" for p in prompts]
+    greedy = SamplingParams(max_new_tokens=10)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=4)
+    before = tiny.stats.forward_passes
+    ref = (tiny.generate(prompts, greedy), tiny.generate(prompts, sampled),
+           tiny.score(contexts, ["A", "B"]))
+    ref_passes = tiny.stats.forward_passes - before
+    width = max(len(tiny.encode(p)) for p in prompts)
+    budget, tiny.max_prefill_tokens = tiny.max_prefill_tokens, 2 * width  # 2 rows per pass
+    before = tiny.stats.forward_passes
+    try:
+        got = (tiny.generate(prompts, greedy), tiny.generate(prompts, sampled),
+               tiny.score(contexts, ["A", "B"]))
+    finally:
+        tiny.max_prefill_tokens = budget
+    passes = tiny.stats.forward_passes - before
+    # generation: 4 prefill passes (2 + 2 + 2 + 1 rows) per call, twice; scoring: 3 or 4
+    # batches instead of 1 (the contexts are a little longer than the prompts)
+    assert passes - ref_passes >= 2 * 4 + 2
+    assert got[0] == ref[0] and got[1] == ref[1]
+    for g, w in zip(got[2], ref[2], strict=True):
+        assert g == pytest.approx(w, abs=1e-4)

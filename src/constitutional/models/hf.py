@@ -14,11 +14,17 @@
   one row, repeated across the batch, and only the per-row suffixes run through the model. Rows
   are laid out as ``[prefix][padding][suffix]``; position ids come from the attention mask, so the
   result equals the unshared computation.
+  The prefix shared by all of a call's prompts is computed before batching, so every batch,
+  one-row batches included, reuses it.
 * **Generation writes into a preallocated KV cache** (transformers' ``StaticCache``, sized
   prompt + ``max_new_tokens``, with the shared prefix copied into every row once). The default
   ``DynamicCache`` concatenates each new token onto the whole cache, copying every row's
   ~1,000-token few-shot context at every step of every layer: that copy was 70% of the time of a
   revise step on CPU.
+* **Prefill runs a few rows at a time** (``max_prefill_tokens``, rows × width per pass; 4,096 on
+  CPU, one pass on GPUs): scoring batches are cut to it, and generation prefills its prompts into
+  the preallocated cache in such chunks before decoding all rows together. On CPU a small pass
+  keeps its working set in the processor's caches and is about twice as fast per row.
 """
 
 from __future__ import annotations
@@ -165,6 +171,7 @@ class HFModel(LanguageModel):
         max_batch_tokens: int | None = None,
         max_batch_size: int = 64,
         kv_cache_gib: float = 4.0,
+        max_prefill_tokens: int | None = None,
         min_shared_prefix: int = 32,
         model: Any = None,
         tokenizer: Any = None,
@@ -193,6 +200,11 @@ class HFModel(LanguageModel):
         # built-in 135M model in float32, ~33k for an 8B Llama in bfloat16)
         self.max_batch_tokens = max_batch_tokens or max(
             2048, int(kv_cache_gib * 2**30 // self._kv_bytes_per_token()))
+        # prefill (scoring, and the prompt pass of generation) runs at most this many tokens
+        # (rows × width) per forward pass; on CPU small passes are faster per row, on GPUs
+        # one big pass is
+        self.max_prefill_tokens = max_prefill_tokens or (
+            4096 if self.device.type == "cpu" else self.max_batch_tokens)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = self.model.generation_config.eos_token_id
@@ -249,8 +261,10 @@ class HFModel(LanguageModel):
     # ----------------------------------------------------------------------------------------
     # Batching
 
-    def _batches(self, lengths: Sequence[int], extra: int) -> Iterator[list[int]]:
-        """Indices sorted by length, cut so that rows × (longest + extra) ≤ the token budget.
+    def _batches(self, lengths: Sequence[int], extra: int,
+                 budget: int | None = None) -> Iterator[list[int]]:
+        """Indices sorted by length, cut so that rows × (longest + extra) ≤ the token budget
+        (``max_batch_tokens`` unless given).
 
         Greedy filling can leave a last batch of a few rows, which costs as many decoding steps
         as a full one; so the rows are re-cut into as many batches of near-equal size, used when
@@ -260,7 +274,7 @@ class HFModel(LanguageModel):
         def fits(rows: list[int]) -> bool:
             longest = max(lengths[j] for j in rows)
             return len(rows) <= self.max_batch_size and (
-                len(rows) == 1 or len(rows) * (longest + extra) <= self.max_batch_tokens)
+                len(rows) == 1 or len(rows) * (longest + extra) <= (budget or self.max_batch_tokens))
 
         greedy: list[list[int]] = []
         for i in order:
@@ -326,14 +340,31 @@ class HFModel(LanguageModel):
         return _Batch(ids, mask, suffix_ids, cache, shared,
                       None if repeat else caches[prefix])
 
+    def _seed_prefix(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any]) -> None:
+        """Compute the KV cache of the prefix shared by all of a call's sequences up front, so
+        that every batch reuses it, one-row batches included."""
+        if len(seqs) < 2 or caches:
+            return
+        shared = min(_shared_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+        if shared >= self.min_shared_prefix:
+            prefix = tuple(seqs[0][:shared])
+            out = self.model(input_ids=torch.tensor([prefix], device=self.device),
+                             use_cache=True, logits_to_keep=1)
+            caches[prefix] = out.past_key_values
+            self.stats.forward_passes += 1
+
     def _static_cache(self, batch: _Batch, max_len: int) -> Any:
-        """A preallocated KV cache for generating from ``batch`` (``max_len`` positions per row),
-        with the shared prefix's keys and values already in place in every row."""
+        """A preallocated KV cache for generating from ``batch`` (``max_len`` positions per row).
+
+        The shared prefix's keys and values are copied into every row. When the rows are longer
+        than the prefill budget allows in one pass, every position but the last is prefilled
+        here, a few rows at a time (see :meth:`_prefill_chunks`); ``generate`` then starts at the
+        last position."""
         from transformers import StaticCache
 
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        rows, width = batch.ids.shape
         if batch.prefix_cache is not None:
-            rows = batch.ids.shape[0]
             for layer, src in zip(cache.layers, batch.prefix_cache.layers, strict=True):
                 k, v = src.keys, src.values  # [1, kv heads, shared, head dim]
                 layer.lazy_initialization(k.expand(rows, *k.shape[1:]),
@@ -341,7 +372,41 @@ class HFModel(LanguageModel):
                 layer.keys[:, :, : batch.shared] = k
                 layer.values[:, :, : batch.shared] = v
                 layer.cumulative_length.fill_(batch.shared)
+        per = max(1, self.max_prefill_tokens // width)
+        if per < rows and width - 1 > batch.shared:
+            self._prefill_chunks(batch, cache, per)
         return cache
+
+    def _prefill_chunks(self, batch: _Batch, cache: Any, per: int) -> None:
+        """Run positions ``shared … width-2`` of every row into ``cache``, ``per`` rows per
+        forward pass. On CPU a prefill pass is much faster per row in small batches (the keys,
+        values and activations of a few rows stay in the processor's caches): scoring 32
+        label questions of ~1,260 tokens took 84 s in one batch and 38 s three rows at a time."""
+        from transformers import DynamicCache
+
+        rows, width = batch.ids.shape
+        stop = width - 1
+        positions = (batch.mask.cumsum(-1) - 1).clamp(min=0)
+        for r0 in range(0, rows, per):
+            r1 = min(rows, r0 + per)
+            part = DynamicCache()
+            if batch.prefix_cache is not None:
+                part = copy.deepcopy(batch.prefix_cache)
+                part.batch_repeat_interleave(r1 - r0)
+            self.model(input_ids=batch.ids[r0:r1, batch.shared : stop],
+                       attention_mask=batch.mask[r0:r1, :stop],
+                       position_ids=positions[r0:r1, batch.shared : stop],
+                       past_key_values=part, use_cache=True, logits_to_keep=1)
+            self.stats.forward_passes += 1
+            for layer, src in zip(cache.layers, part.layers, strict=True):
+                if not layer.is_initialized:
+                    k, v = src.keys, src.values
+                    layer.lazy_initialization(k[:1].expand(rows, *k.shape[1:]),
+                                              v[:1].expand(rows, *v.shape[1:]))
+                layer.keys[r0:r1, :, :stop] = src.keys
+                layer.values[r0:r1, :, :stop] = src.values
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(stop)
 
     def _forward(self, batch: _Batch, keep: int) -> torch.Tensor:
         """Logits of the last ``keep`` positions of every row."""
@@ -384,6 +449,7 @@ class HFModel(LanguageModel):
             disable_compile=True,  # static caches would trigger torch.compile on GPUs, per shape
         )
         caches: dict[tuple[int, ...], Any] = {}
+        self._seed_prefix(encoded, caches)
         for batch in self._batches([len(encoded[i]) for i, _ in rows], params.max_new_tokens):
             batch_rows = [rows[b] for b in batch]
             laid = self._layout([encoded[i] for i, _ in batch_rows], caches, repeat=False)
@@ -437,7 +503,9 @@ class HFModel(LanguageModel):
         # Fast path: every option of the context is a single token -> one pass over the context.
         caches: dict[tuple[int, ...], Any] = {}
         single = [i for i, cs in enumerate(conts) if all(len(c) == 1 for c in cs)]
-        for batch in self._batches([len(ctx_ids[i]) for i in single], 0):
+        self._seed_prefix([ctx_ids[i] for i in single] or ctx_ids, caches)
+        for batch in self._batches([len(ctx_ids[i]) for i in single], 0,
+                                   self.max_prefill_tokens):
             idx = [single[b] for b in batch]
             logits = self._forward(self._layout([ctx_ids[i] for i in idx], caches), keep=1)
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
@@ -449,7 +517,7 @@ class HFModel(LanguageModel):
         multi = [(i, j) for i, cs in enumerate(conts) if i not in fast for j in range(len(cs))]
         seqs = [ctx_ids[i] + conts[i][j] for i, j in multi]
         vocab = self.model.config.get_text_config().vocab_size
-        for batch in self._batches([len(s) for s in seqs], 0):
+        for batch in self._batches([len(s) for s in seqs], 0, self.max_prefill_tokens):
             # also bound the logits tensor (rows × kept positions × vocab) to ~1 GiB of fp32
             keep = max(len(conts[i][j]) for i, j in (multi[b] for b in batch)) + 1
             rows_per_chunk = max(1, (1 << 28) // (keep * vocab))
