@@ -72,6 +72,8 @@ def test_pipeline_runs_skips_and_redoes_what_changed(tiny_model_dir, tmp_path, c
         assert (run / rel).exists(), rel
     elo = json.loads((run / "eval" / "elo.json").read_text())
     assert set(elo["harmless"]["elo"]) == {"initial", "sl-cai", "rl-cai"}
+    # the finished training stages' resume checkpoints are gone; their models are kept
+    assert not list(run.rglob("checkpoints")) and (run / "pm" / "model.safetensors").exists()
     capsys.readouterr()
     # unchanged: everything is skipped
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(run),

@@ -114,6 +114,7 @@ class RunConfig:
     ray_address: str | None = None
     num_actors: int | None = None
     device: str | None = None
+    keep_checkpoints: bool = False  # keep the training stages' resume checkpoints once done
     revise: ReviseSection = field(default_factory=ReviseSection)
     sl_train: SLTrainSection = field(default_factory=SLTrainSection)
     sample: SampleSection = field(default_factory=SampleSection)

@@ -202,6 +202,7 @@ class Pipeline:
             self.state["stages"][stage.name] = {"fingerprint": fp, "status": "done",
                                                 "seconds": seconds, **info}
             self.save_state()
+            self._drop_checkpoints(stage)
             if on_stage:
                 on_stage(stage.name, "done", seconds)
         if not only or "report" in only:
@@ -219,6 +220,15 @@ class Pipeline:
         self.state["total_seconds_this_call"] = round(time.perf_counter() - t_all, 2)
         self.save_state()
         return self.state
+
+    def _drop_checkpoints(self, stage: Stage) -> None:
+        """A finished training stage's resume checkpoints (weights and optimizer states: ~6 GB
+        for the demo's PPO) are only needed to resume it; its model is saved beside them."""
+        target = self.p(stage.directory) / "checkpoints" if stage.directory else None
+        if target is not None and target.is_dir() and not self.config.keep_checkpoints:
+            shutil.rmtree(target)
+            log.info("stage %s: done, removed its resume checkpoints (keep_checkpoints: true "
+                     "keeps them)", stage.name)
 
     def _clean(self, stage: Stage) -> None:
         target = self.p(stage.directory)
