@@ -93,6 +93,13 @@ def _shared_prefix_len(seqs: Sequence[list[int]]) -> int:
     return n
 
 
+def _repeated(cache: Any, rows: int) -> Any:
+    """A copy of a one-row KV cache, repeated ``rows`` times."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(rows)
+    return out
+
+
 class StopOnStrings:
     """A stopping criterion: a row is finished once its generated text contains a stop string.
 
@@ -317,22 +324,12 @@ class HFModel(LanguageModel):
             None,
         )
         if prefix is None:
-            shared = _shared_prefix_len(seqs) if len(seqs) > 1 else 0
-            shared = min(shared, min(len(s) for s in seqs) - 1)  # every row keeps >= 1 own token
-            if shared < self.min_shared_prefix:
+            prefix = self._cache_common_prefix(seqs, caches)
+            if prefix is None:
                 ids, mask = self._left_pad(seqs)
                 return _Batch(ids, mask, ids, None, 0)
-            prefix = tuple(seqs[0][:shared])
-            caches.clear()  # one prefix at a time: a few-shot block repeats across batches
-            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
-                             logits_to_keep=1)
-            caches[prefix] = out.past_key_values
-            self.stats.forward_passes += 1
         shared = len(prefix)
-        cache = None
-        if repeat:
-            cache = copy.deepcopy(caches[prefix])
-            cache.batch_repeat_interleave(len(seqs))
+        cache = _repeated(caches[prefix], len(seqs)) if repeat else None
         suffix_ids, suffix_mask = self._left_pad([s[shared:] for s in seqs])
         prefix_ids = torch.tensor([prefix] * len(seqs), dtype=torch.long, device=self.device)
         ids = torch.cat([prefix_ids, suffix_ids], dim=1)
@@ -343,15 +340,26 @@ class HFModel(LanguageModel):
     def _seed_prefix(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any]) -> None:
         """Compute the KV cache of the prefix shared by all of a call's sequences up front, so
         that every batch reuses it, one-row batches included."""
-        if len(seqs) < 2 or caches:
-            return
+        if not caches:
+            self._cache_common_prefix(seqs, caches)
+
+    def _cache_common_prefix(self, seqs: Sequence[list[int]],
+                             caches: dict[tuple[int, ...], Any]) -> tuple[int, ...] | None:
+        """The prefix all of ``seqs`` share (each keeps at least one token of its own), with its
+        one-row KV cache put in ``caches`` (replacing any other: a call has one few-shot block);
+        None when it is shorter than ``min_shared_prefix``."""
+        if len(seqs) < 2:
+            return None
         shared = min(_shared_prefix_len(seqs), min(len(s) for s in seqs) - 1)
-        if shared >= self.min_shared_prefix:
-            prefix = tuple(seqs[0][:shared])
-            out = self.model(input_ids=torch.tensor([prefix], device=self.device),
-                             use_cache=True, logits_to_keep=1)
-            caches[prefix] = out.past_key_values
-            self.stats.forward_passes += 1
+        if shared < self.min_shared_prefix:
+            return None
+        prefix = tuple(seqs[0][:shared])
+        caches.clear()
+        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                         logits_to_keep=1)
+        caches[prefix] = out.past_key_values
+        self.stats.forward_passes += 1
+        return prefix
 
     def _static_cache(self, batch: _Batch, max_len: int) -> Any:
         """A preallocated KV cache for generating from ``batch`` (``max_len`` positions per row).
@@ -389,10 +397,8 @@ class HFModel(LanguageModel):
         positions = (batch.mask.cumsum(-1) - 1).clamp(min=0)
         for r0 in range(0, rows, per):
             r1 = min(rows, r0 + per)
-            part = DynamicCache()
-            if batch.prefix_cache is not None:
-                part = copy.deepcopy(batch.prefix_cache)
-                part.batch_repeat_interleave(r1 - r0)
+            part = (DynamicCache() if batch.prefix_cache is None
+                    else _repeated(batch.prefix_cache, r1 - r0))
             self.model(input_ids=batch.ids[r0:r1, batch.shared : stop],
                        attention_mask=batch.mask[r0:r1, :stop],
                        position_ids=positions[r0:r1, batch.shared : stop],
