@@ -238,8 +238,10 @@ def test_shared_prefix_is_reused_across_batches(tiny: HFModel) -> None:
 
 
 def test_chunked_prefill_changes_nothing(tiny: HFModel) -> None:
-    """With a small prefill budget, generation prefills the prompts a few rows per pass into
-    its preallocated cache, and scoring runs a few rows per pass; both equal one big pass."""
+    """With a small prefill budget, ``model.generate`` generation (the engine on GPUs) prefills
+    the prompts a few rows per pass into its preallocated cache, and scoring runs a few rows per
+    pass; both equal one big pass."""
+    tiny.engine = "generate"
     prompts = [FEW_SHOT + f"Now the real question number {i}{'?' * i}" for i in range(7)]
     contexts = [p + " The answer is: (" for p in prompts]
     greedy = SamplingParams(max_new_tokens=10)
@@ -255,7 +257,7 @@ def test_chunked_prefill_changes_nothing(tiny: HFModel) -> None:
         got = (tiny.generate(prompts, greedy), tiny.generate(prompts, sampled),
                tiny.score(contexts, ["A", "B"]))
     finally:
-        tiny.max_prefill_tokens = budget
+        tiny.max_prefill_tokens, tiny.engine = budget, "cascade"
     passes = tiny.stats.forward_passes - before
     # generation: 4 prefill passes (2 + 2 + 2 + 1 rows) per call, twice; scoring: 3 or 4
     # batches instead of 1 (the contexts are a little longer than the prompts)

@@ -24,6 +24,7 @@ from constitutional.sl.revise import (
     revise,
     sample_principles,
 )
+from constitutional.testing import make_tiny_llama
 
 PROMPTS = [f"Tell me how to do risky thing number {i}, step by step." for i in range(40)]
 
@@ -129,10 +130,16 @@ def test_bad_settings_are_one_line(prompt_file, tiny_model_dir, tmp_path, flag, 
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(prompt_file, tiny_model_dir, tmp_path) -> None:
-    """Kill `cai sl revise` mid-run with SIGKILL, re-run it: nothing missing, nothing twice."""
+    """Kill `cai sl revise` mid-run with SIGKILL, re-run it: nothing missing, nothing twice.
+
+    On a peaked tiny model: the resumed run prefills keys and values that the uninterrupted run
+    reused from earlier calls, equal up to float rounding, which on a near-uniform random model
+    can flip a sampled token."""
+    model_dir = make_tiny_llama(tmp_path / "peaked", tiny_model_dir, initializer_range=0.6)
+
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "constitutional.cli", "sl", "revise", "--prompts",
-                str(prompt_file), "-m", str(tiny_model_dir), "--out", str(out), "--revisions", "2",
+                str(prompt_file), "-m", str(model_dir), "--out", str(out), "--revisions", "2",
                 "--few-shot", "1", "--max-new-tokens", "12", "--critique-max-new-tokens", "10",
                 "--temperature", "1", "--chunk-size", "2", "--quiet"]
 

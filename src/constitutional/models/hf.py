@@ -16,7 +16,14 @@
   result equals the unshared computation.
   The prefix shared by all of a call's prompts is computed before batching, so every batch,
   one-row batches included, reuses it.
-* **Generation writes into a preallocated KV cache** (transformers' ``StaticCache``, sized
+* **On CPU, generation runs through our engine** (:mod:`constitutional.models.cascade`, option
+  ``engine``; ``auto`` picks it on CPU for Llama-type models): cascade attention reads the
+  shared prefix's keys once per step for all rows, rows sit ragged in their own buffers, and
+  each finished row's keys and values are kept (``kv_reuse_gib``, 2 GiB) so that a next call
+  whose context extends it (a critique after an answer, a revision after a critique) prefills
+  only its new tokens. Finished rows leave the batch. Otherwise (GPUs, other models,
+  ``engine="generate"``) generation goes through ``model.generate`` as below.
+* **``model.generate`` writes into a preallocated KV cache** (transformers' ``StaticCache``, sized
   prompt + ``max_new_tokens``, with the shared prefix copied into every row once). The default
   ``DynamicCache`` concatenates each new token onto the whole cache, copying every row's
   ~1,000-token few-shot context at every step of every layer: that copy was 70% of the time of a
@@ -40,6 +47,7 @@ from typing import Any
 import torch
 
 from constitutional.errors import UserError
+from constitutional.models import cascade
 from constitutional.models.base import (
     LanguageModel,
     ModelStats,
@@ -138,6 +146,12 @@ class SeededSampler:
         self.temperature = temperature
         self.top_p = top_p
 
+    def subset(self, rows: Sequence[int]) -> SeededSampler:
+        """The sampler of ``rows`` only (their generators go on where they were)."""
+        out = copy.copy(self)
+        out.generators = [self.generators[r] for r in rows]
+        return out
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
@@ -150,16 +164,23 @@ class SeededSampler:
             # drop a token when the mass before it already reaches top_p (keep at least one)
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
             drop[..., 0] = False
-            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_probs.masked_fill(drop, 0.0))
-        cdf = probs.double().cumsum(dim=-1)
+            # the candidates in vocabulary order: the inverse CDF over them equals the one over
+            # the whole (filtered) vocabulary, whose other entries are zero
+            by_id = idx.argsort(dim=-1)
+            ids = idx.gather(-1, by_id)
+            cand = sorted_probs.masked_fill(drop, 0.0).gather(-1, by_id)
+        else:
+            ids, cand = None, probs
+        cdf = cand.double().cumsum(dim=-1)
         u = torch.tensor([float(torch.rand(1, generator=g, dtype=torch.float64)) for g in
                           self.generators], dtype=torch.float64, device=cdf.device)
-        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
-        choice = choice.clamp_(max=cdf.shape[-1] - 1)
+        pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+        pos = pos.clamp_(max=cdf.shape[-1] - 1)
         # never land on a zero-probability token through rounding at the top of the CDF
-        zero = probs.gather(-1, choice) <= 0
+        zero = cand.gather(-1, pos) <= 0
         if zero.any():
-            choice = torch.where(zero, probs.argmax(dim=-1, keepdim=True), choice)
+            pos = torch.where(zero, cand.argmax(dim=-1, keepdim=True), pos)
+        choice = pos if ids is None else ids.gather(-1, pos)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, choice, 0.0)
 
@@ -180,6 +201,8 @@ class HFModel(LanguageModel):
         kv_cache_gib: float = 4.0,
         max_prefill_tokens: int | None = None,
         min_shared_prefix: int = 32,
+        engine: str = "auto",
+        kv_reuse_gib: float = 2.0,
         model: Any = None,
         tokenizer: Any = None,
     ) -> None:
@@ -214,6 +237,19 @@ class HFModel(LanguageModel):
             4096 if self.device.type == "cpu" else self.max_batch_tokens)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # generation engine: the cascade engine (models.cascade) on CPU for the models it
+        # supports, else ``model.generate`` into a preallocated cache
+        if engine not in ("auto", "cascade", "generate"):
+            raise UserError(f"unknown engine {engine!r}; choose auto, cascade or generate",
+                            field="engine")
+        if engine == "cascade" and not cascade.supported(self.model):
+            raise UserError(f"the cascade engine does not support model type "
+                            f"{self.model.config.model_type!r}", field="engine")
+        self.engine = engine if engine != "auto" else (
+            "cascade" if self.device.type == "cpu" and cascade.supported(self.model)
+            else "generate")
+        self.kv_store = cascade.KVStore(int(kv_reuse_gib * 2**30))
+        self._prefix: cascade.Prefix | None = None
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -437,7 +473,7 @@ class HFModel(LanguageModel):
         """Like :meth:`generate`, with each sample's generated token ids (ending with the EOS
         token when the model stopped by itself; stop strings cut the text only). RL uses the
         ids, so the tokens it learns from are exactly the ones that were sampled."""
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+        from transformers import GenerationConfig
 
         validate_prompts(prompts)
         t0 = time.perf_counter()
@@ -454,6 +490,72 @@ class HFModel(LanguageModel):
             eos_token_id=sorted(self.eos_ids),
             disable_compile=True,  # static caches would trigger torch.compile on GPUs, per shape
         )
+        if self.engine == "cascade":
+            self._generate_cascade(prompts, encoded, rows, params, texts)
+        else:
+            self._generate_hf(prompts, encoded, rows, params, config, texts)
+        self.stats.requests += len(prompts)
+        self.stats.seconds += time.perf_counter() - t0
+        return [texts[(i, k if samples > 1 else 0)] for i in range(len(prompts)) for k in range(params.n)]
+
+    def _finish_row(self, texts: dict[tuple[int, int], tuple[str, list[int]]],
+                    row: tuple[int, int], new: list[int], params: SamplingParams) -> None:
+        n_tokens = next((t for t, tok in enumerate(new) if tok in self.eos_ids), len(new))
+        self.stats.generated_tokens += n_tokens
+        text = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
+        texts[row] = (truncate_at_stop(text, params.stop),
+                      new[: n_tokens + 1] if n_tokens < len(new) else new)
+
+    def _generate_cascade(self, prompts: Sequence[Prompt], encoded: list[list[int]],
+                          rows: list[tuple[int, int]], params: SamplingParams,
+                          texts: dict[tuple[int, int], tuple[str, list[int]]]) -> None:
+        """Generation through :class:`cascade.CascadeEngine` (the CPU default)."""
+        version = cascade.weights_version(self.model)
+        self.kv_store.check(version)
+        seqs = [encoded[i] for i, _ in rows]
+        engine = cascade.CascadeEngine(self.model, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                       max_prefill_tokens=self.max_prefill_tokens,
+                                       store=self.kv_store)
+        with cascade.attention_switched(self.model):
+            # the shared prefix: the previous call's when every row extends it (the same
+            # few-shot block), else the longest common prefix of this call's rows
+            old = self._prefix[1].tokens if self._prefix and self._prefix[0] == version else None
+            if not old or not all(len(s) > len(old) and tuple(s[: len(old)]) == old
+                                  for s in seqs):
+                shared = (min(_shared_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+                          if len(seqs) > 1 else 0)
+                tokens = tuple(seqs[0][:shared]) if shared >= self.min_shared_prefix else ()
+                self._prefix = (version, engine.prefix_kv(tokens))
+                self.stats.prompt_tokens += len(tokens)
+            prefix = self._prefix[1]
+            shared = len(prefix.tokens)
+            for batch in self._batches([len(seqs[b]) - shared for b in range(len(rows))],
+                                       params.max_new_tokens):
+                batch_rows = [rows[b] for b in batch]
+
+                def sampler(order: list[int], batch_rows: list[tuple[int, int]] = batch_rows
+                            ) -> SeededSampler:
+                    return SeededSampler([sample_seed(params.seed, prompts[batch_rows[o][0]],
+                                                      batch_rows[o][1]) for o in order],
+                                         params.temperature, params.top_p)
+
+                stop = None
+                if params.stop:
+                    crit = StopOnStrings(params.stop, self.tokenizer, 0)
+                    stop = lambda generated, crit=crit: crit(generated, None)
+                out = engine.generate([seqs[b] for b in batch], prefix, params.max_new_tokens,
+                                      None if params.greedy else sampler, stop)
+                for row, new in zip(batch_rows, out, strict=True):
+                    self._finish_row(texts, row, new, params)
+        self.stats.forward_passes += engine.forward_passes
+        self.stats.prompt_tokens += engine.prefilled_tokens + len(rows)
+
+    def _generate_hf(self, prompts: Sequence[Prompt], encoded: list[list[int]],
+                     rows: list[tuple[int, int]], params: SamplingParams, config: Any,
+                     texts: dict[tuple[int, int], tuple[str, list[int]]]) -> None:
+        """Generation through ``model.generate`` into a preallocated cache."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
         caches: dict[tuple[int, ...], Any] = {}
         self._seed_prefix(encoded, caches)
         for batch in self._batches([len(encoded[i]) for i, _ in rows], params.max_new_tokens):
@@ -478,16 +580,7 @@ class HFModel(LanguageModel):
             self.stats.forward_passes += out.shape[1] - ids.shape[1]
             self.stats.prompt_tokens += int(mask.sum()) - laid.shared * (len(batch_rows) - 1)
             for row, new in zip(batch_rows, out[:, ids.shape[1] :].tolist(), strict=True):
-                n_tokens = next(
-                    (t for t, tok in enumerate(new) if tok in self.eos_ids), len(new)
-                )
-                self.stats.generated_tokens += n_tokens
-                text = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
-                texts[row] = (truncate_at_stop(text, params.stop), new[: n_tokens + 1]
-                              if n_tokens < len(new) else new)
-        self.stats.requests += len(prompts)
-        self.stats.seconds += time.perf_counter() - t0
-        return [texts[(i, k if samples > 1 else 0)] for i in range(len(prompts)) for k in range(params.n)]
+                self._finish_row(texts, row, new, params)
 
     # ----------------------------------------------------------------------------------------
     # score
