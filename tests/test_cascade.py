@@ -160,6 +160,11 @@ def test_cascade_attention_equals_plain_attention(q: int) -> None:
     pk, pv = torch.randn(kv_heads, p_len, dim), torch.randn(kv_heads, p_len, dim)
     cols = torch.tensor([[2], [4], [0]]) + torch.arange(q)[None, :]  # each row's query columns
     cache = cascade.RaggedCache([key], [value], [(pk, pv)]).at(slice(None), cols)
+    # the pass writes its own tokens' keys and values, and attends up to its last column
+    key, value = cache.update(torch.randn(rows, kv_heads, q, dim),
+                              torch.randn(rows, kv_heads, q, dim), 0)
+    cap = key.shape[2]
+    assert cap == int(cols.max()) + 1
 
     class Layer:
         layer_idx = 0

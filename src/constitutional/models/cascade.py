@@ -136,6 +136,54 @@ class attention_switched:
         self.model.set_attn_implementation(self.before)
 
 
+class OneDNNWeights:
+    """The model's linear layers run through oneDNN with prepacked weights while generating.
+
+    PyTorch's default CPU matrix product for float32 (MKL) ran a decoding step's linear layers at
+    ~90 GFLOP/s on this project's AMD machine; oneDNN's ``mkldnn_linear`` on weights packed once
+    runs them 1.5-2x faster (32 rows: 0.39 -> 0.24 ms for a 576x1536 layer, 24 -> 12 ms for the
+    49k-token output layer). The packed copies cost one more copy of the weights in memory and
+    are rebuilt when the weights change. The results differ from MKL's by float rounding only.
+    """
+
+    def __init__(self) -> None:
+        self.version: Any = None
+        self.packed: dict[torch.nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @staticmethod
+    def usable(model: Any) -> bool:
+        p = next(model.parameters())
+        return (p.device.type == "cpu" and p.dtype == torch.float32
+                and torch.backends.mkldnn.is_available())
+
+    def __call__(self, model: Any) -> _Swapped:
+        version = weights_version(model)
+        if version != self.version:
+            self.packed = {m: (m.weight.detach().to_mkldnn(),
+                               None if m.bias is None else m.bias.detach().to_mkldnn())
+                           for m in model.modules() if type(m) is torch.nn.Linear}
+            self.version = version
+        return _Swapped(self.packed)
+
+
+class _Swapped:
+    def __init__(self, packed: dict[torch.nn.Linear, tuple[torch.Tensor, torch.Tensor | None]]
+                 ) -> None:
+        self.packed = packed
+
+    def __enter__(self) -> None:
+        for module, (weight, bias) in self.packed.items():
+            def forward(x: torch.Tensor, weight: torch.Tensor = weight,
+                        bias: torch.Tensor | None = bias) -> torch.Tensor:
+                return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight,
+                                                  bias).to_dense()
+            module.forward = forward
+
+    def __exit__(self, *exc: object) -> None:
+        for module in self.packed:
+            del module.forward
+
+
 # ------------------------------------------------------------------------------------------------
 # The cache the model writes into
 
@@ -144,7 +192,8 @@ class RaggedCache:
     """Per-row KV buffers [rows, kv heads, cap, dim] per layer, plus the shared prefix's keys and
     values [kv heads, P, dim] per layer. A forward pass covers the rows ``rows`` (a slice) and
     writes its tokens' keys and values at the columns ``cols`` [rows, q]; transformers calls
-    :meth:`update` from every attention layer."""
+    :meth:`update` from every attention layer, which returns the buffers up to the pass's last
+    column."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
                  prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
@@ -158,8 +207,10 @@ class RaggedCache:
         row's columns up to its own (plus the whole prefix)."""
         self.rows, self.cols = rows, cols
         self._ridx = torch.arange(cols.shape[0], device=cols.device)[:, None]
-        cap = self.keys[0].shape[2]
-        seen = torch.arange(cap, device=cols.device)[None, None, None, :] <= cols[:, None, :, None]
+        # attention reads the buffers only up to the last column written so far
+        self.limit = int(cols.max()) + 1
+        seen = (torch.arange(self.limit, device=cols.device)[None, None, None, :]
+                <= cols[:, None, :, None])
         dtype = self.keys[0].dtype
         self.bias = torch.zeros(seen.shape, dtype=dtype, device=cols.device).masked_fill_(
             ~seen, float("-inf"))  # [rows, 1, q, cap]
@@ -180,7 +231,7 @@ class RaggedCache:
         k_buf, v_buf = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
         k_buf[self._ridx, :, self.cols] = key.transpose(1, 2)
         v_buf[self._ridx, :, self.cols] = value.transpose(1, 2)
-        return k_buf, v_buf
+        return k_buf[:, :, : self.limit], v_buf[:, :, : self.limit]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly

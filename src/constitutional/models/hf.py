@@ -36,6 +36,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -134,7 +135,8 @@ class SeededSampler:
 
     For each row it applies temperature and nucleus (top-p) filtering, draws one uniform number
     from that row's own generator, and picks the token where it falls in the cumulative
-    distribution (inverse-CDF sampling, exact). Every other score is set to -inf, so the generate
+    distribution (inverse-CDF sampling, exact; with top-p the distribution is laid out from the
+    most likely token down, without it in vocabulary order). Every other score is set to -inf, so the generate
     loop's argmax returns the sampled token. Each row draws one number per step, so its samples
     depend only on its seed, never on the rest of the batch.
     """
@@ -164,11 +166,8 @@ class SeededSampler:
             # drop a token when the mass before it already reaches top_p (keep at least one)
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
             drop[..., 0] = False
-            # the candidates in vocabulary order: the inverse CDF over them equals the one over
-            # the whole (filtered) vocabulary, whose other entries are zero
-            by_id = idx.argsort(dim=-1)
-            ids = idx.gather(-1, by_id)
-            cand = sorted_probs.masked_fill(drop, 0.0).gather(-1, by_id)
+            ids = idx
+            cand = sorted_probs.masked_fill(drop, 0.0)
         else:
             ids, cand = None, probs
         cdf = cand.double().cumsum(dim=-1)
@@ -249,6 +248,7 @@ class HFModel(LanguageModel):
             "cascade" if self.device.type == "cpu" and cascade.supported(self.model)
             else "generate")
         self.kv_store = cascade.KVStore(int(kv_reuse_gib * 2**30))
+        self._onednn = cascade.OneDNNWeights() if cascade.OneDNNWeights.usable(self.model) else None
         self._prefix: cascade.Prefix | None = None
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -516,7 +516,8 @@ class HFModel(LanguageModel):
         engine = cascade.CascadeEngine(self.model, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                        max_prefill_tokens=self.max_prefill_tokens,
                                        store=self.kv_store)
-        with cascade.attention_switched(self.model):
+        with cascade.attention_switched(self.model), (
+                self._onednn(self.model) if self._onednn else contextlib.nullcontext()):
             # the shared prefix: the previous call's when every row extends it (the same
             # few-shot block), else the longest common prefix of this call's rows
             old = self._prefix[1].tokens if self._prefix and self._prefix[0] == version else None

@@ -1,9 +1,11 @@
 """SL-CAI data generation: answer red-team prompts, then critique and revise, N rounds.
 
-The stage runs **round-wise and batched across all prompts**: every initial answer, then every
-first critique, then every first revision, and so on. Each call to the model gets a whole chunk of
-prompts, which the backend sorts by length and batches; the few-shot block comes first and is the
-same for every sample, so the `hf` backend computes its KV cache once per batch.
+The stage runs **round-wise and batched**: for a chunk of prompts (``chunk_size``, 64), every
+initial answer, then every first critique, then every first revision, and so on; then the next
+chunk. Each call to the model gets the whole chunk, which the backend sorts by length and
+batches; the few-shot block comes first and is the same for every sample, so the `hf` backend
+computes its KV cache once, and on CPU it keeps each record's keys and values from one step to
+the next, so that a critique or revision prefills only its new request.
 
 **Resumable.** Every finished step of every record is appended (fsynced) to
 ``revise.steps.jsonl`` as its chunk completes. Killing the process at any moment and re-running
@@ -257,20 +259,27 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
     progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err_console, disable=not show_progress,
                         transient=False)
+    steps = _step_keys(config.revisions, config.critique)
     with progress:
-        for step in _step_keys(config.revisions, config.critique):
-            todo = [r for r in records if step not in r.steps]
-            task = progress.add_task(step.replace(":", " "), total=len(records),
-                                     completed=len(records) - len(todo))
-            for start in range(0, len(todo), config.chunk_size):
-                chunk = todo[start : start + config.chunk_size]
+        tasks = {step: progress.add_task(
+            step.replace(":", " "), total=len(records),
+            completed=sum(step in r.steps for r in records)) for step in steps}
+        # a chunk of records goes through every step before the next chunk starts, so that the
+        # backend still holds the keys and values of the chunk's previous step (see
+        # models.cascade: a critique's context extends its answer's)
+        for start in range(0, len(records), config.chunk_size):
+            group = records[start : start + config.chunk_size]
+            for step in steps:
+                chunk = [r for r in group if step not in r.steps]
+                if not chunk:
+                    continue
                 assert lm is not None  # loaded above whenever a step is still to compute
                 finished = _run_step(lm, config, few_shot, chunk, step)
                 store.append(finished)
                 for rec, step_rec in zip(chunk, finished, strict=True):
                     rec.steps[step] = step_rec
                 step_counts[step.split(":")[0]] += len(chunk)
-                progress.advance(task, len(chunk))
+                progress.advance(tasks[step], len(chunk))
     for rec in records:
         for step_key, step_rec in rec.steps.items():
             if step_rec["degenerate"]:
