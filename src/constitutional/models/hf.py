@@ -516,8 +516,7 @@ class HFModel(LanguageModel):
         engine = cascade.CascadeEngine(self.model, eos_ids=self.eos_ids, pad_id=self.pad_id,
                                        max_prefill_tokens=self.max_prefill_tokens,
                                        store=self.kv_store)
-        with cascade.attention_switched(self.model), (
-                self._onednn(self.model) if self._onednn else contextlib.nullcontext()):
+        with cascade.attention_switched(self.model), self._fast_linears():
             # the shared prefix: the previous call's when every row extends it (the same
             # few-shot block), else the longest common prefix of this call's rows
             old = self._prefix[1].tokens if self._prefix and self._prefix[0] == version else None
@@ -588,6 +587,17 @@ class HFModel(LanguageModel):
 
     @torch.inference_mode()
     def score(
+        self, contexts: Sequence[Prompt], options: Sequence[str] | Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        with self._fast_linears():
+            return self._score(contexts, options)
+
+    def _fast_linears(self) -> Any:
+        """On CPU in float32, the linear layers run through oneDNN within the block (see
+        :class:`cascade.OneDNNWeights`)."""
+        return self._onednn(self.model) if self._onednn else contextlib.nullcontext()
+
+    def _score(
         self, contexts: Sequence[Prompt], options: Sequence[str] | Sequence[Sequence[str]]
     ) -> list[list[float]]:
         validate_prompts(contexts)
