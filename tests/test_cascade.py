@@ -181,7 +181,7 @@ def test_cascade_attention_equals_plain_attention(q: int) -> None:
     assert not math.isnan(float(got.sum()))
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
 def test_other_supported_architectures(tmp_path, tiny_model_dir, model_type: str) -> None:
     """The engine's other model types give model.generate's output too."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -191,7 +191,7 @@ def test_other_supported_architectures(tmp_path, tiny_model_dir, model_type: str
         model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         initializer_range=0.6, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, use_sliding_window=False)
+        pad_token_id=tok.pad_token_id, use_sliding_window=False, sliding_window=None)
     torch.manual_seed(0)
     model = HFModel(tiny_model_dir, model=AutoModelForCausalLM.from_config(config), tokenizer=tok)
     assert model.engine == "cascade"
