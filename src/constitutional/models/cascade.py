@@ -335,6 +335,14 @@ class KVStore:
 # The engine
 
 
+def kv_shape(model: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder's KV cache."""
+    c = model.config.get_text_config()
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, kv_heads, dim
+
+
 def weights_version(model: Any) -> tuple[int, int]:
     """Changes whenever a parameter is modified in place (optimizer steps, ``load_state_dict``)."""
     return (id(model), sum(p._version for p in model.parameters()))
@@ -372,15 +380,11 @@ class CascadeEngine:
         return Prefix(tuple(tokens), kv)
 
     def _new_buffers(self, rows: int, cap: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        c = self.model.config.get_text_config()
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        layers, kv_heads, dim = kv_shape(self.model)
         p = next(self.model.parameters())
         shape = (rows, kv_heads, cap, dim)
-        return ([torch.zeros(shape, dtype=p.dtype, device=p.device)
-                 for _ in range(c.num_hidden_layers)],
-                [torch.zeros(shape, dtype=p.dtype, device=p.device)
-                 for _ in range(c.num_hidden_layers)])
+        return ([torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(layers)],
+                [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(layers)])
 
     def generate(self, seqs: Sequence[list[int]], prefix: Prefix, max_new_tokens: int,
                  sampler: Callable[[list[int]], Callable[[Any, torch.Tensor], torch.Tensor]] | None,
@@ -390,8 +394,8 @@ class CascadeEngine:
         Every sequence starts with ``prefix.tokens`` and has at least one token of its own.
         ``sampler``, given the order in which the rows are laid out (indices into ``seqs``),
         returns a function from scores [rows, vocab] (in that order) to scores whose argmax is the
-        next token; ``stop``
-        maps the generated ids [rows, t] to rows finished by a stop string."""
+        next token; ``stop`` maps the generated ids [rows, t] to rows finished by a stop
+        string."""
         device = self.model.device
         p_len = len(prefix.tokens)
         own = [np.asarray(s[p_len:], dtype=np.int64) for s in seqs]

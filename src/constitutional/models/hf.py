@@ -258,11 +258,9 @@ class HFModel(LanguageModel):
 
     def _kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token of one row: layers × (keys + values) × KV heads × head dim."""
-        c = self.model.config.get_text_config()
-        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        layers, heads, head_dim = cascade.kv_shape(self.model)
         size = next(self.model.parameters()).element_size()
-        return max(1, c.num_hidden_layers * 2 * heads * head_dim * size)
+        return max(1, layers * 2 * heads * head_dim * size)
 
     # ----------------------------------------------------------------------------------------
     # Prompt rendering
