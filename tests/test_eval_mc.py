@@ -146,9 +146,9 @@ def test_cli_writes_rows_and_summary(tiny_model_dir: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("content", "extra", "needle"),
     [
-        (('{"prompt": "x The answer is:", "corrects": [" (A)"], "incorrects": [" (B)"]}\n'
-          '{"prompt": "y The answer is:", "incorrects": [" (B)"]}\n'), [],
-         "bad.jsonl:2: field 'corrects': missing"),
+        (('{"prompt": "y The answer is:", "incorrects": [" (B)"]}\n'
+          '{"prompt": "x", "corrects": [" (A)"]}\n'), [],
+         "bad.jsonl:1: field 'corrects': missing (no usable row: 2 skipped)"),
         ("", [], "bad.jsonl:1: file is empty"),
         ("\n\n", [], "bad.jsonl:1: file is empty"),
         ('{"prompt": "x", "corrects": " (A)", "incorrects": [" (B)"]}\n', [],

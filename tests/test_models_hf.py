@@ -9,7 +9,7 @@ import torch
 
 from constitutional.errors import UserError
 from constitutional.models import SamplingParams
-from constitutional.models.hf import HFModel
+from constitutional.models.hf import HFModel, _shared_prefix_len
 
 PROMPTS = [
     [{"role": "user", "content": "Hello!"}],
@@ -252,12 +252,17 @@ def test_chunked_prefill_changes_nothing(tiny: HFModel) -> None:
     ref_passes = tiny.stats.forward_passes - before
     width = max(len(tiny.encode(p)) for p in prompts)
     budget, tiny.max_prefill_tokens = tiny.max_prefill_tokens, 2 * width  # 2 rows per pass
+    encoded = [tiny.encode(c) for c in contexts]
+    shared = min(_shared_prefix_len(encoded), min(map(len, encoded)) - 1)
+    own = max(len(e) for e in encoded) - shared  # scoring budgets the tokens after the prefix
+    score_budget, tiny.score_prefill_tokens = tiny.score_prefill_tokens, 2 * own
     before = tiny.stats.forward_passes
     try:
         got = (tiny.generate(prompts, greedy), tiny.generate(prompts, sampled),
                tiny.score(contexts, ["A", "B"]))
     finally:
         tiny.max_prefill_tokens, tiny.engine = budget, "cascade"
+        tiny.score_prefill_tokens = score_budget
     passes = tiny.stats.forward_passes - before
     # generation: 4 prefill passes (2 + 2 + 2 + 1 rows) per call, twice; scoring: 3 or 4
     # batches instead of 1 (the contexts are a little longer than the prompts)

@@ -156,24 +156,32 @@ def line_of_entry(entry: Any, key: Any = None) -> int | None:
     return entry.line
 
 
-def jsonl_objects(path: str | Path, *, required: tuple[str, ...] = ()):
+def jsonl_objects(path: str | Path, *, required: tuple[str, ...] = (),
+                  skipped: list[UserError] | None = None):
     """Yield ``(line number, object)`` for each non-blank line of a user's JSONL file.
 
     Invalid JSON, a line that is not an object, or a missing ``required`` key is a
-    :class:`UserError` naming the file, line and field.
+    :class:`UserError` naming the file, line and field; with a ``skipped`` list, such a line is
+    appended to it and skipped instead.
     """
     text = read_utf8(path)
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", file=path,
-                            line=number) from None
-        if not isinstance(row, dict):
-            raise UserError("expected a JSON object per line", file=path, line=number)
-        for key in required:
-            if key not in row:
-                raise UserError("missing", file=path, line=number, field=key)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", file=path,
+                                line=number) from None
+            if not isinstance(row, dict):
+                raise UserError("expected a JSON object per line", file=path, line=number)
+            for key in required:
+                if key not in row:
+                    raise UserError("missing", file=path, line=number, field=key)
+        except UserError as err:
+            if skipped is None:
+                raise
+            skipped.append(err)
+            continue
         yield number, row

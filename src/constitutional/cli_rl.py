@@ -216,5 +216,16 @@ def mc_cmd(
     out.print(f"accuracy {result.accuracy:.3f} ({result.correct}/{result.n}), "
               f"95% CI [{lo:.3f}, {hi:.3f}] (Wilson) · {model} · {data} · {mode}",
               markup=False, highlight=False, soft_wrap=True)
+    chance = result.summary()["chance"]
+    if lo <= chance <= hi:
+        out.print(f"at chance: the interval includes {chance:.3f}, the accuracy of picking an "
+                  f"option at random, so this model shows no measurable signal on this data",
+                  markup=False, highlight=False, soft_wrap=True)
+    if result.skipped:
+        first = result.skipped[0]
+        where = f"line {first['line']}" + (f" field {first['field']!r}" if first["field"] else "")
+        out.print(f"skipped {len(result.skipped)} row(s) that could not be used (first: "
+                  f"{where}: {first['reason']}); all are listed in the summary", markup=False,
+                  highlight=False, soft_wrap=True)
     out.print(f"per-row results → {target} · summary → {summary_path(target)}", markup=False,
               highlight=False, soft_wrap=True)

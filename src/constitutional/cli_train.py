@@ -85,10 +85,20 @@ def eval_pm_cmd(
     atomic_write_jsonl(target, result.rows)
     atomic_write_text(target.with_suffix(".summary.json"), json.dumps({
         "pm": str(pm), "data": str(data), "accuracy": result.accuracy, "correct": result.correct,
-        "n": result.n, "ci95": list(result.ci95)}, indent=2) + "\n")
+        "n": result.n, "ci95": list(result.ci95), "at_chance": lo <= 0.5 <= hi,
+        "n_skipped": len(result.skipped), "skipped": result.skipped}, indent=2) + "\n")
     out.print(f"accuracy {result.accuracy:.3f} ({result.correct}/{result.n}), 95% CI "
               f"[{lo:.3f}, {hi:.3f}] (Wilson) · {pm} · {data}", markup=False, highlight=False,
               soft_wrap=True)
+    if lo <= 0.5 <= hi:
+        out.print("at chance: the interval includes 50%, so this PM's preferences are not "
+                  "distinguishable from a coin flip on this data", markup=False,
+                  highlight=False, soft_wrap=True)
+    if result.skipped:
+        first = result.skipped[0]
+        out.print(f"skipped {len(result.skipped)} row(s) that could not be used (first: line "
+                  f"{first['line']}: {first['reason']}); all are listed in the summary",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @rl_app.command("train")

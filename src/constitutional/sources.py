@@ -177,20 +177,28 @@ def split_turns(text: str, labels: Sequence[str]) -> list[tuple[str, str]]:
     return turns
 
 
-def parse_hh_transcript(text: str) -> list[Message]:
+def parse_hh_transcript(text: str, *, keep_empty_answer: bool = False) -> list[Message]:
     """Parse an Anthropic HH-RLHF transcript into ``[{"role", "content"}, …]``.
 
     ``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` gives a user and an assistant message. Trailing
-    empty turns (a transcript that ends in ``"Assistant:"`` awaiting the answer) are dropped.
-    Raises ``ValueError`` on text that is not in that format.
+    empty turns (a transcript that ends in ``"Assistant:"`` awaiting the answer) are dropped,
+    except, with ``keep_empty_answer``, a final empty assistant turn after a user turn: in a
+    comparison (HH-RLHF's ``chosen``/``rejected``) an empty answer is a legitimate response
+    (a few rows of ``harmless-base/test`` prefer it). Raises ``ValueError`` on text that is not
+    in that format.
     """
     turns = split_turns(text, ("Human", "Assistant"))
     messages = [
         {"role": "user" if label == "Human" else "assistant", "content": content}
         for label, content in turns
     ]
+    empty_answer = (keep_empty_answer and len(messages) >= 2
+                    and messages[-1] == {"role": "assistant", "content": ""}
+                    and messages[-2]["role"] == "user" and messages[-2]["content"] != "")
     while messages and not messages[-1]["content"]:
         messages.pop()
+    if empty_answer:
+        messages.append({"role": "assistant", "content": ""})
     if not messages:
         raise ValueError("the transcript has no non-empty turn")
     return messages

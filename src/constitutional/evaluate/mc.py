@@ -15,8 +15,12 @@ reported with a 95% Wilson score interval.
   put in reverse order (for two options: swapped), and the letters of the answer options are
   mapped accordingly; each option's log-likelihood is the mean over the two letterings, so a
   preference for a letter cancels out.
-* Rows are batched through ``score``; options that are single tokens are read from one forward
-  pass per row (per lettering).
+* Rows are batched through ``score``, which computes each context once and reads every option,
+  of one token or several, as its continuation; with ``debias`` both letterings go to ``score``
+  together, so the conversation they share is computed once.
+* A row that cannot be used (bad JSON, a missing or wrong field; with ``debias``, no option
+  blocks) is skipped, counted and listed in the summary (``skipped``); only a file with no
+  usable row at all is an error.
 
 Per-row results (JSONL): ``id``, ``line``, ``correct``, ``corrects``, ``incorrects``,
 ``logprobs_corrects``, ``logprobs_incorrects`` (the ones decided on: the mean over letterings with
@@ -88,10 +92,16 @@ class MCResult:
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be used
 
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "rows"}
         d["ci95"] = list(self.ci95)
+        d["n_skipped"] = len(self.skipped)
+        # the accuracy of a random pick: 1 / options per row, averaged
+        d["chance"] = (sum(1 / (len(r["corrects"]) + len(r["incorrects"])) * len(r["corrects"])
+                           for r in self.rows) / len(self.rows)) if self.rows else 0.5
+        d["at_chance"] = self.ci95[0] <= d["chance"] <= self.ci95[1]
         return d
 
 
@@ -107,35 +117,73 @@ def _options(value: Any, key: str, where: dict[str, Any]) -> list[str]:
     return list(value)
 
 
-def load_mc(path: str | Path, limit: int | None = None) -> list[MCRow]:
-    """Read and validate a multiple-choice file; errors name the file, line and field."""
+@dataclass(frozen=True)
+class Skipped:
+    """A row that could not be used: its line, the field at fault and why."""
+
+    line: int
+    field: str | None
+    reason: str
+
+    def warning(self, file: str | Path) -> str:
+        """One line: ``FILE:LINE: field 'F': reason (row skipped)``."""
+        return f"{UserError(self.reason, file=file, line=self.line, field=self.field)} " \
+            "(row skipped)"
+
+
+def _parse_row(line: str, number: int, where: dict[str, Any]) -> MCRow:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", **where) from None
+    if not isinstance(data, dict):
+        raise UserError("expected a JSON object per line", **where)
+    for key in ("prompt", "corrects", "incorrects"):
+        if key not in data:
+            raise UserError("missing", **where, field=key)
+    if not isinstance(data["prompt"], str) or not data["prompt"].strip():
+        raise UserError("expected a non-empty string", **where, field="prompt")
+    return MCRow(number, data["prompt"], _options(data["corrects"], "corrects", where),
+                 _options(data["incorrects"], "incorrects", where))
+
+
+def load_mc_rows(path: str | Path, limit: int | None = None,
+                 ) -> tuple[list[MCRow], list[Skipped]]:
+    """Read a multiple-choice file: the usable rows, and the rows skipped with their reasons.
+
+    A row that cannot be used is skipped and counted, never fatal; a file that is wrong as a
+    whole (missing, not UTF-8, no usable row) raises one :class:`UserError` naming the file,
+    line and field."""
     path = Path(path).expanduser()
     if limit is not None and limit < 1:
         raise UserError(f"must be at least 1, got {limit}", field="limit")
     text = read_utf8(path)
     rows: list[MCRow] = []
+    skipped: list[Skipped] = []
+    first_error: UserError | None = None
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        where: dict[str, Any] = {"file": path, "line": number}
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", **where) from None
-        if not isinstance(data, dict):
-            raise UserError("expected a JSON object per line", **where)
-        for key in ("prompt", "corrects", "incorrects"):
-            if key not in data:
-                raise UserError("missing", **where, field=key)
-        if not isinstance(data["prompt"], str) or not data["prompt"].strip():
-            raise UserError("expected a non-empty string", **where, field="prompt")
-        rows.append(MCRow(number, data["prompt"], _options(data["corrects"], "corrects", where),
-                          _options(data["incorrects"], "incorrects", where)))
+            rows.append(_parse_row(line, number, {"file": path, "line": number}))
+        except UserError as err:
+            first_error = first_error or err
+            skipped.append(Skipped(number, err.field, err.message))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
+        if first_error is not None:
+            raise UserError(f"{first_error.message} (no usable row: {len(skipped)} skipped)",
+                            file=path, line=first_error.line, field=first_error.field)
         raise UserError("no rows", file=path, line=1)
-    return rows
+    for s in skipped:
+        log.warning("%s", s.warning(path))
+    return rows, skipped
+
+
+def load_mc(path: str | Path, limit: int | None = None) -> list[MCRow]:
+    """The usable rows of a multiple-choice file (see :func:`load_mc_rows`)."""
+    return load_mc_rows(path, limit)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,16 +294,27 @@ def is_correct(logprobs_corrects: Sequence[float], logprobs_incorrects: Sequence
     return max(logprobs_corrects) > max(logprobs_incorrects)
 
 
-def _score_rows(lm: LanguageModel, rows: Sequence[MCRow], config: MCConfig,
-                advance: Any) -> list[list[float]]:
+def _contexts(rows: Sequence[MCRow], config: MCConfig) -> list[Prompt]:
+    return [chat_context(r.prompt, config.answer_prefix) if config.chat else r.prompt
+            for r in rows]
+
+
+def _score_rows(lm: LanguageModel, rows: Sequence[MCRow], swapped: Sequence[MCRow],
+                config: MCConfig, advance: Any) -> tuple[list[list[float]], list[list[float]]]:
+    """Scores of ``rows`` and, with ``--debias``, of their swapped letterings. Both letterings
+    of a chunk go to ``score`` together, so the backend computes the text they share (the
+    conversation before the options) once."""
     out: list[list[float]] = []
+    out_swapped: list[list[float]] = []
     for start in range(0, len(rows), config.chunk_size):
-        part = rows[start : start + config.chunk_size]
-        contexts: list[Prompt] = [chat_context(r.prompt, config.answer_prefix) if config.chat
-                                  else r.prompt for r in part]
-        out += lm.score(contexts, [[*r.corrects, *r.incorrects] for r in part])
-        advance(len(part))
-    return out
+        part = list(rows[start : start + config.chunk_size])
+        twins = list(swapped[start : start + config.chunk_size])
+        scores = lm.score(_contexts(part + twins, config),
+                          [[*r.corrects, *r.incorrects] for r in part + twins])
+        out += scores[: len(part)]
+        out_swapped += scores[len(part) :]
+        advance(len(part) + len(twins))
+    return out, out_swapped
 
 
 def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
@@ -276,8 +335,7 @@ def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
         def advance(n: int) -> None:
             bar.advance(task, n)
 
-        scores = _score_rows(lm, rows, config, advance)
-        swapped_scores = _score_rows(lm, [s for s, _ in swaps], config, advance) if swaps else []
+        scores, swapped_scores = _score_rows(lm, rows, [s for s, _ in swaps], config, advance)
     results = []
     for i, row in enumerate(rows):
         nc = len(row.corrects)
@@ -307,15 +365,29 @@ def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
 
 def run_mc(data: str | Path, config: MCConfig, out: str | Path, *,
            model: LanguageModel | None = None) -> MCResult:
-    """Load ``data``, evaluate, write per-row results to ``out`` and a summary beside it."""
-    rows = load_mc(data, config.limit)
-    if config.debias:  # a bad row is the user's mistake: name the file too
+    """Load ``data``, evaluate, write per-row results to ``out`` and a summary beside it.
+
+    Rows that cannot be used (bad JSON or fields; with ``--debias``, no option blocks to swap)
+    are skipped, counted in ``result.skipped`` and listed in the summary."""
+    rows, skipped = load_mc_rows(data, config.limit)
+    if config.debias:
+        usable, unswappable = [], []
         for row in rows:
             try:
                 swapped_row(row, config.answer_prefix)
+                usable.append(row)
             except UserError as err:
-                raise UserError(err.message, file=data, line=row.line, field=err.field) from None
+                unswappable.append(Skipped(row.line, err.field, err.message))
+        if not usable:
+            first = unswappable[0]
+            raise UserError(f"{first.reason} (no usable row: "
+                            f"{len(skipped) + len(unswappable)} skipped)",
+                            file=data, line=first.line, field=first.field)
+        for skip in unswappable:
+            log.warning("%s", skip.warning(data))
+        rows, skipped = usable, skipped + unswappable
     result = evaluate_mc(rows, config, model=model)
+    result.skipped = [asdict(s) for s in sorted(skipped, key=lambda s: s.line)]
     out = Path(out)
     atomic_write_jsonl(out, result.rows)
     summary = {**result.summary(), "data": str(data), "results": str(out)}

@@ -85,6 +85,7 @@ class ModelStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     forward_passes: int = 0
+    scored_tokens: int = 0  # tokens ``score`` ran through the model (a shared prefix once)
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 

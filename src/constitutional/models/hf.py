@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 
 from constitutional.errors import UserError
-from constitutional.models import cascade
+from constitutional.models import cascade, guard
 from constitutional.models.base import (
     LanguageModel,
     ModelStats,
@@ -234,6 +235,11 @@ class HFModel(LanguageModel):
         # one big pass is
         self.max_prefill_tokens = max_prefill_tokens or (
             4096 if self.device.type == "cpu" else self.max_batch_tokens)
+        # scoring passes on CPU: 1,024 tokens (one long context, or a few short ones) per pass
+        # ran faster per token than 4,096 for both `eval mc` (32 paper MC rows: 17.7 s vs
+        # 20.4 s) and `rl label` (24 pairs: 25.8 s vs 29.0 s) on this project's 2-core CPU
+        self.score_prefill_tokens = max_prefill_tokens or (
+            1024 if self.device.type == "cpu" else self.max_batch_tokens)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # generation engine: the cascade engine (models.cascade) on CPU for the models it
@@ -244,11 +250,24 @@ class HFModel(LanguageModel):
         if engine == "cascade" and not cascade.supported(self.model):
             raise UserError(f"the cascade engine does not support model type "
                             f"{self.model.config.model_type!r}", field="engine")
-        self.engine = engine if engine != "auto" else (
-            "cascade" if self.device.type == "cpu" and cascade.supported(self.model)
-            else "generate")
+        # private internals (the engine, oneDNN linears, StaticCache surgery) only on tested
+        # versions, and the engine only after its self-check (see models.guard)
+        self.internals, why = guard.internals_allowed()
+        self._onednn = (cascade.OneDNNWeights()
+                        if self.internals and cascade.OneDNNWeights.usable(self.model) else None)
+        want = engine == "cascade" or (
+            engine == "auto" and self.device.type == "cpu" and cascade.supported(self.model))
+        self.engine = "generate"
+        if want and why is not None:
+            guard.warn_once(why)
+        elif want:
+            failed = cascade.self_check(self.model, self._fast_linears())
+            if failed is None:
+                self.engine = "cascade"
+            else:
+                self.internals, self._onednn = False, None
+                guard.warn_once(f"its self-check failed on {guard.versions_text()} ({failed})")
         self.kv_store = cascade.KVStore(int(kv_reuse_gib * 2**30))
-        self._onednn = cascade.OneDNNWeights() if cascade.OneDNNWeights.usable(self.model) else None
         self._prefix: cascade.Prefix | None = None
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -345,20 +364,22 @@ class HFModel(LanguageModel):
         return ids.to(self.device), mask.to(self.device)
 
     def _layout(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any],
-                repeat: bool = True) -> _Batch:
+                repeat: bool = True, keep: int = 1) -> _Batch:
         """Lay out a batch, splitting off a shared prefix whose KV cache is computed once.
 
         ``caches`` maps prefixes to their single-row KV cache and is reused across the batches of
         one call. With ``repeat`` the prefix cache is copied per row (``cache``); without, the
-        one-row cache is left in ``prefix_cache`` for the caller to place.
+        one-row cache is left in ``prefix_cache`` for the caller to place. Every row keeps at
+        least ``keep`` tokens of its own (the positions whose logits are read).
         """
         # reuse the prefix cached by an earlier batch of this call when every row extends it
         prefix = next(
-            (p for p in caches if all(len(s) > len(p) and tuple(s[: len(p)]) == p for s in seqs)),
+            (p for p in caches
+             if all(len(s) >= len(p) + keep and tuple(s[: len(p)]) == p for s in seqs)),
             None,
         )
         if prefix is None:
-            prefix = self._cache_common_prefix(seqs, caches)
+            prefix = self._cache_common_prefix(seqs, caches, keep)
             if prefix is None:
                 ids, mask = self._left_pad(seqs)
                 return _Batch(ids, mask, ids, None, 0)
@@ -371,20 +392,21 @@ class HFModel(LanguageModel):
         return _Batch(ids, mask, suffix_ids, cache, shared,
                       None if repeat else caches[prefix])
 
-    def _seed_prefix(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any]) -> None:
+    def _seed_prefix(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any],
+                     keep: int = 1) -> None:
         """Compute the KV cache of the prefix shared by all of a call's sequences up front, so
         that every batch reuses it, one-row batches included."""
         if not caches:
-            self._cache_common_prefix(seqs, caches)
+            self._cache_common_prefix(seqs, caches, keep)
 
-    def _cache_common_prefix(self, seqs: Sequence[list[int]],
-                             caches: dict[tuple[int, ...], Any]) -> tuple[int, ...] | None:
+    def _cache_common_prefix(self, seqs: Sequence[list[int]], caches: dict[tuple[int, ...], Any],
+                             keep: int = 1) -> tuple[int, ...] | None:
         """The prefix all of ``seqs`` share (each keeps at least one token of its own), with its
         one-row KV cache put in ``caches`` (replacing any other: a call has one few-shot block);
         None when it is shorter than ``min_shared_prefix``."""
         if len(seqs) < 2:
             return None
-        shared = min(_shared_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+        shared = min(_shared_prefix_len(seqs), min(len(s) for s in seqs) - keep)
         if shared < self.min_shared_prefix:
             return None
         prefix = tuple(seqs[0][:shared])
@@ -555,11 +577,17 @@ class HFModel(LanguageModel):
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         caches: dict[tuple[int, ...], Any] = {}
-        self._seed_prefix(encoded, caches)
+        if self.internals:
+            self._seed_prefix(encoded, caches)
         for batch in self._batches([len(encoded[i]) for i, _ in rows], params.max_new_tokens):
             batch_rows = [rows[b] for b in batch]
-            laid = self._layout([encoded[i] for i, _ in batch_rows], caches, repeat=False)
-            ids, mask = laid.ids, laid.mask
+            if self.internals:
+                laid = self._layout([encoded[i] for i, _ in batch_rows], caches, repeat=False)
+                ids, mask = laid.ids, laid.mask
+                cache = self._static_cache(laid, ids.shape[1] + params.max_new_tokens)
+            else:  # transformers' stock path: its own cache, no shared prefix
+                ids, mask = self._left_pad([encoded[i] for i, _ in batch_rows])
+                laid, cache = _Batch(ids, mask, ids, None, 0), None
             processors = LogitsProcessorList()
             if not params.greedy:
                 seeds = [sample_seed(params.seed, prompts[i], k) for i, k in batch_rows]
@@ -570,7 +598,7 @@ class HFModel(LanguageModel):
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                past_key_values=self._static_cache(laid, ids.shape[1] + params.max_new_tokens),
+                past_key_values=cache,
                 generation_config=config,
                 logits_processor=processors,
                 stopping_criteria=stopping,
@@ -598,6 +626,14 @@ class HFModel(LanguageModel):
     def _score(
         self, contexts: Sequence[Prompt], options: Sequence[str] | Sequence[Sequence[str]]
     ) -> list[list[float]]:
+        """Each context is computed **once**; every option is read as its continuation.
+
+        The options' common leading tokens (" (" of " (A)", " (B)") are appended to the context,
+        and the first pass reads their log-probabilities and each option's next token from the
+        last positions. Options longer than that are finished from the context's KV cache, one
+        option at a time (the cache is cropped back after each), so no option recomputes the
+        context. Contexts that share a long prefix (a call's few-shot block; the two letterings
+        of a ``--debias`` question) compute it once (see :meth:`_layout`)."""
         validate_prompts(contexts)
         opts = normalize_options(contexts, options)
         t0 = time.perf_counter()
@@ -606,40 +642,97 @@ class HFModel(LanguageModel):
             [self._continuation(c, ids, o) for o in os]
             for c, ids, os in zip(contexts, ctx_ids, opts, strict=True)
         ]
+        # extended context = context + the options' common tokens (each option keeps one)
+        common = [min(_shared_prefix_len(cs), min(len(c) for c in cs) - 1) for cs in conts]
+        ext = [ids + cs[0][:n] for ids, cs, n in zip(ctx_ids, conts, common, strict=True)]
+        rests = [[c[n:] for c in cs] for cs, n in zip(conts, common, strict=True)]
         result: list[list[float]] = [[0.0] * len(o) for o in opts]
-
-        # Fast path: every option of the context is a single token -> one pass over the context.
         caches: dict[tuple[int, ...], Any] = {}
-        single = [i for i, cs in enumerate(conts) if all(len(c) == 1 for c in cs)]
-        self._seed_prefix([ctx_ids[i] for i in single] or ctx_ids, caches)
-        for batch in self._batches([len(ctx_ids[i]) for i in single], 0,
-                                   self.max_prefill_tokens):
-            idx = [single[b] for b in batch]
-            logits = self._forward(self._layout([ctx_ids[i] for i in idx], caches), keep=1)
-            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
-            for r, i in enumerate(idx):
-                result[i] = [float(logp[r, c[0]]) for c in conts[i]]
-
-        # General path: one row per (context, option), continuation tokens at the end.
-        fast = set(single)
-        multi = [(i, j) for i, cs in enumerate(conts) if i not in fast for j in range(len(cs))]
-        seqs = [ctx_ids[i] + conts[i][j] for i, j in multi]
-        vocab = self.model.config.get_text_config().vocab_size
-        for batch in self._batches([len(s) for s in seqs], 0, self.max_prefill_tokens):
-            # also bound the logits tensor (rows × kept positions × vocab) to ~1 GiB of fp32
-            keep = max(len(conts[i][j]) for i, j in (multi[b] for b in batch)) + 1
-            rows_per_chunk = max(1, (1 << 28) // (keep * vocab))
-            for start in range(0, len(batch), rows_per_chunk):
-                chunk = batch[start : start + rows_per_chunk]
-                logits = self._forward(self._layout([seqs[b] for b in chunk], caches), keep=keep)
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                for r, b in enumerate(chunk):
-                    i, j = multi[b]
-                    cont = conts[i][j]
-                    # logits at kept position p predict the token at p + 1
-                    pos = torch.arange(keep - 1 - len(cont), keep - 1)
-                    tok = torch.tensor(cont)
-                    result[i][j] = float(logp[r, pos, tok].sum())
+        self._seed_prefix(ext, caches, keep=max(common) + 1)
+        prefixes: set[tuple[int, ...]] = set()
+        for idx in self._score_batches(ext, caches):
+            self._score_batch(idx, ext, common, rests, caches, result, prefixes)
         self.stats.requests += len(contexts)
         self.stats.seconds += time.perf_counter() - t0
         return result
+
+    def _score_batches(self, ext: list[list[int]], caches: dict[tuple[int, ...], Any]
+                       ) -> Iterator[list[int]]:
+        """Batches of context indices. Without a prefix that the whole call shares, contexts
+        sharing a long prefix with a neighbour (in token order) form one batch, whose prefix
+        :meth:`_layout` then computes once; the rest are cut by length as usual."""
+        budget = self.score_prefill_tokens
+        if caches or len(ext) < 2:  # rows cost their tokens after the call's shared prefix
+            shared = max((len(p) for p in caches), default=0)
+            yield from self._batches([len(e) - shared for e in ext], 0, budget)
+            return
+        order = sorted(range(len(ext)), key=lambda i: ext[i])
+        groups: list[list[int]] = [[order[0]]]
+        for a, b in itertools.pairwise(order):
+            shared = _shared_prefix_len([ext[a], ext[b]])
+            if shared >= self.min_shared_prefix and shared >= len(ext[b]) // 2:
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        singles = [g[0] for g in groups if len(g) == 1]
+        for batch in self._batches([len(ext[i]) for i in singles], 0, budget):
+            yield [singles[b] for b in batch]
+        for g in groups:
+            if len(g) > 1:
+                for batch in self._batches([len(ext[i]) - len(ext[g[0]]) // 2 for i in g], 0,
+                                           budget):
+                    yield [g[b] for b in batch]
+
+    def _score_batch(self, idx: list[int], ext: list[list[int]], common: list[int],
+                     rests: list[list[list[int]]], caches: dict[tuple[int, ...], Any],
+                     result: list[list[float]], prefixes: set[tuple[int, ...]]) -> None:
+        from transformers import DynamicCache
+
+        keep = max(common[i] for i in idx) + 1
+        more = max(len(r) for i in idx for r in rests[i]) > 1  # an option needs another pass
+        batch = self._layout([ext[i] for i in idx], caches, keep=keep)
+        prefix = tuple(ext[idx[0]][: batch.shared])
+        if prefix not in prefixes:
+            prefixes.add(prefix)
+            self.stats.scored_tokens += len(prefix)
+        self.stats.scored_tokens += int(batch.mask[:, batch.shared :].sum())
+        if more and batch.cache is None:
+            batch.cache = DynamicCache()
+        logits = self._forward(batch, keep=keep)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [rows, keep, vocab]
+        # kept position p (of ``keep``) predicts the token at the extended context's p + 1
+        for r, i in enumerate(idx):
+            n = common[i]
+            tokens = ext[i][len(ext[i]) - n:] if n else []
+            head = float(logp[r, torch.arange(keep - 1 - n, keep - 1),
+                              torch.tensor(tokens, dtype=torch.long)].sum()) if n else 0.0
+            last = logp[r, keep - 1]
+            for j, rest in enumerate(rests[i]):
+                result[i][j] = head + float(last[rest[0]])
+        if not more:
+            return
+        # the options' remaining tokens, one option index at a time, from the cached context
+        ctx_len = batch.mask.sum(-1)
+        for j in range(max(len(rests[i]) for i in idx)):
+            feed = [rests[i][j][:-1] if j < len(rests[i]) else [] for i in idx]
+            steps = max(len(f) for f in feed)
+            if steps == 0:
+                continue
+            ids = torch.full((len(idx), steps), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), steps), dtype=torch.long)
+            for r, f in enumerate(feed):
+                ids[r, : len(f)] = torch.tensor(f, dtype=torch.long)
+                mask[r, : len(f)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            self.stats.scored_tokens += int(mask.sum())
+            out = self.model(input_ids=ids, attention_mask=torch.cat([batch.mask, mask], dim=1),
+                             position_ids=ctx_len[:, None] + torch.arange(steps,
+                                                                          device=self.device),
+                             past_key_values=batch.cache, use_cache=True)
+            self.stats.forward_passes += 1
+            batch.cache.crop(-steps)  # back to the context (negative: tokens to drop)
+            lp = torch.log_softmax(out.logits.float(), dim=-1)
+            for r, (i, f) in enumerate(zip(idx, feed, strict=True)):
+                if f:
+                    tok = torch.tensor(rests[i][j][1:], dtype=torch.long)
+                    result[i][j] += float(lp[r, torch.arange(len(f)), tok].sum())

@@ -38,7 +38,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,14 @@ class Comparison:
         return asdict(self)
 
 
-def _as_messages(value: Any, file: Path, line: int, field: str) -> list[Message]:
+def _as_messages(value: Any, file: Path, line: int, field: str, *,
+                 answer: bool = False) -> list[Message]:
     from constitutional.sources import parse_hh_transcript
 
     if isinstance(value, str):
         if value.lstrip().startswith("Human:"):
             try:
-                return parse_hh_transcript(value)
+                return parse_hh_transcript(value, keep_empty_answer=answer)
             except ValueError as err:
                 raise UserError(str(err), file=file, line=line, field=field) from err
         return [{"role": "user", "content": value}]
@@ -91,7 +92,7 @@ def _as_messages(value: Any, file: Path, line: int, field: str) -> list[Message]
 def _answer(value: Any, file: Path, line: int, field: str) -> str:
     if isinstance(value, str):
         return value
-    msgs = _as_messages(value, file, line, field)
+    msgs = _as_messages(value, file, line, field, answer=True)
     if msgs[-1]["role"] != "assistant":
         raise UserError("the last message must be the assistant's answer", file=file, line=line,
                         field=field)
@@ -99,26 +100,28 @@ def _answer(value: Any, file: Path, line: int, field: str) -> str:
 
 
 def _split_transcript(value: Any, file: Path, line: int, field: str) -> tuple[list[Message], str]:
-    msgs = _as_messages(value, file, line, field)
+    msgs = _as_messages(value, file, line, field, answer=True)
     if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
         raise UserError("expected a conversation ending with the assistant's answer", file=file,
                         line=line, field=field)
     return msgs[:-1], msgs[-1]["content"]
 
 
-def _iter_jsonl(file: Path):
+def _iter_jsonl(file: Path, skipped: list[UserError] | None = None):
     from constitutional._files import jsonl_objects
 
-    return jsonl_objects(file)
+    return jsonl_objects(file, skipped=skipped)
 
 
 def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False,
-                     ) -> list[Comparison]:
+                     skipped: list[UserError] | None = None) -> list[Comparison]:
     """Comparisons from a ``cai rl label`` run directory or a JSONL file.
 
     Row forms: ``prompt``/``chosen``/``rejected`` (+ optional ``score`` = P(chosen preferred));
-    or HH-RLHF ``chosen``/``rejected`` transcripts without ``prompt``. ``hard=True`` ignores any
-    score (p = 1), as for human comparisons.
+    or HH-RLHF ``chosen``/``rejected`` transcripts without ``prompt`` (an empty final answer is
+    an answer). ``hard=True`` ignores any score (p = 1), as for human comparisons. With a
+    ``skipped`` list, a row that cannot be used is appended to it (its error names the line and
+    field) and skipped; the file is an error only when no row is usable.
     """
     path = Path(spec)
     file = path / "preferences.jsonl" if path.is_dir() else path
@@ -126,34 +129,47 @@ def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False
         raise UserError("not found (expected a `cai rl label` run directory or a JSONL file)",
                         file=file)
     rows: list[Comparison] = []
-    for n, row in _iter_jsonl(file):
-        for key in ("chosen", "rejected"):
-            if key not in row:
-                raise UserError("missing", file=file, line=n, field=key)
-        if "prompt" in row:
-            prompt = _as_messages(row["prompt"], file, n, "prompt")
-            chosen = _answer(row["chosen"], file, n, "chosen")
-            rejected = _answer(row["rejected"], file, n, "rejected")
-        else:
-            prompt, chosen = _split_transcript(row["chosen"], file, n, "chosen")
-            prompt_r, rejected = _split_transcript(row["rejected"], file, n, "rejected")
-            if prompt_r != prompt:
-                raise UserError("chosen and rejected transcripts have different contexts",
-                                file=file, line=n, field="rejected")
-        p = 1.0
-        if not hard and row.get("score") is not None:
-            p = row["score"]
-            if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-                raise UserError(f"must be a probability in [0, 1], got {p!r}", file=file,
-                                line=n, field="score")
-            p = float(p)
-        if p < 0.5:  # keep chosen = the side the label prefers
-            chosen, rejected, p = rejected, chosen, 1.0 - p
-        rid = row.get("id") or stable_hash(prompt, chosen, rejected)
-        rows.append(Comparison(str(rid), prompt, chosen, rejected, p, source))
+    for n, row in _iter_jsonl(file, skipped):
+        try:
+            rows.append(_comparison(row, file, n, source, hard))
+        except UserError as err:
+            if skipped is None:
+                raise
+            skipped.append(err)
     if not rows:
+        if skipped:
+            first = skipped[0]
+            raise UserError(f"{first.message} (no usable row: {len(skipped)} skipped)",
+                            file=file, line=first.line, field=first.field)
         raise UserError("no comparisons", file=file, line=1)
     return rows
+
+
+def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool) -> Comparison:
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise UserError("missing", file=file, line=n, field=key)
+    if "prompt" in row:
+        prompt = _as_messages(row["prompt"], file, n, "prompt")
+        chosen = _answer(row["chosen"], file, n, "chosen")
+        rejected = _answer(row["rejected"], file, n, "rejected")
+    else:
+        prompt, chosen = _split_transcript(row["chosen"], file, n, "chosen")
+        prompt_r, rejected = _split_transcript(row["rejected"], file, n, "rejected")
+        if prompt_r != prompt:
+            raise UserError("chosen and rejected transcripts have different contexts",
+                            file=file, line=n, field="rejected")
+    p = 1.0
+    if not hard and row.get("score") is not None:
+        p = row["score"]
+        if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+            raise UserError(f"must be a probability in [0, 1], got {p!r}", file=file,
+                            line=n, field="score")
+        p = float(p)
+    if p < 0.5:  # keep chosen = the side the label prefers
+        chosen, rejected, p = rejected, chosen, 1.0 - p
+    rid = row.get("id") or stable_hash(prompt, chosen, rejected)
+    return Comparison(str(rid), prompt, chosen, rejected, p, source)
 
 
 def load_mc_comparisons(file: str | Path) -> list[tuple[str, list[str]]]:
@@ -248,10 +264,110 @@ class PreferenceModel:
                       ) -> list[float]:
         return self.score([_with_answer(p, a) for p, a in zip(prompts, answers, strict=True)])
 
+    def score_pairs(self, prompts: Sequence[Sequence[Message]], answers_a: Sequence[str],
+                    answers_b: Sequence[str], *, max_tokens: int = 4096,
+                    ) -> tuple[list[float], list[float]]:
+        """Scores of ``prompt + answer_a`` and ``prompt + answer_b`` for every pair, with the
+        tokens the two conversations share (the context) computed **once**: a pass over the
+        contexts fills their KV cache, then each side's own tokens run from it (the cache is
+        cropped back in between). Equal to :meth:`score` up to float rounding.
+
+        Falls back to :meth:`score` for pairs cut by ``max_length`` and for heads other than
+        transformers' ``score`` layer. ``max_tokens`` bounds a batch (rows × longest context).
+        """
+        import torch
+
+        enc_a = [encode(self.tokenizer, _with_answer(p, a), 1 << 30)
+                 for p, a in zip(prompts, answers_a, strict=True)]
+        enc_b = [encode(self.tokenizer, _with_answer(p, b), 1 << 30)
+                 for p, b in zip(prompts, answers_b, strict=True)]
+        out_a, out_b = [0.0] * len(enc_a), [0.0] * len(enc_b)
+        shareable = hasattr(self.model, "score") and hasattr(self.model, "base_model")
+        plain = [i for i in range(len(enc_a)) if not shareable
+                 or max(len(enc_a[i]), len(enc_b[i])) > self.max_length]
+        if plain:
+            sa = self.score([_with_answer(prompts[i], answers_a[i]) for i in plain])
+            sb = self.score([_with_answer(prompts[i], answers_b[i]) for i in plain])
+            for i, x, y in zip(plain, sa, sb, strict=True):
+                out_a[i], out_b[i] = x, y
+        skip = set(plain)
+        todo = [i for i in range(len(enc_a)) if i not in skip]
+        # the context: the shared tokens, each side keeping at least one of its own
+        ctx = {i: min(_common_len(enc_a[i], enc_b[i]), len(enc_a[i]) - 1, len(enc_b[i]) - 1)
+               for i in todo}
+        todo.sort(key=lambda i: ctx[i])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                start = 0
+                while start < len(todo):
+                    end = start + 1
+                    while (end < len(todo) and (end + 1 - start) * max(ctx[todo[end]], 1)
+                           <= max_tokens and end - start < self.batch_size):
+                        end += 1
+                    idx = todo[start:end]
+                    sa, sb = self._score_shared(idx, enc_a, enc_b, ctx)
+                    for i, x, y in zip(idx, sa, sb, strict=True):
+                        out_a[i], out_b[i] = x, y
+                    start = end
+        finally:
+            self.model.train(was_training)
+        return out_a, out_b
+
+    def _score_shared(self, idx: list[int], enc_a: list[list[int]], enc_b: list[list[int]],
+                      ctx: dict[int, int]) -> tuple[list[float], list[float]]:
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.device
+        width = max(ctx[i] for i in idx)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # contexts left-padded, so every side continues at the end
+            if ctx[i]:
+                ids[r, width - ctx[i]:] = torch.tensor(enc_a[i][: ctx[i]])
+                mask[r, width - ctx[i]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = DynamicCache()
+        body = self.model.base_model
+        if width:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                 past_key_values=cache, use_cache=True)
+        lengths = mask.sum(-1)
+        scores = []
+        for enc in (enc_a, enc_b):
+            own = [enc[i][ctx[i]:] for i in idx]
+            steps = max(len(o) for o in own)
+            s_ids = torch.full((len(idx), steps), self.pad_id, dtype=torch.long)
+            s_mask = torch.zeros((len(idx), steps), dtype=torch.long)
+            for r, o in enumerate(own):  # right-padded after the context
+                s_ids[r, : len(o)] = torch.tensor(o)
+                s_mask[r, : len(o)] = 1
+            s_ids, s_mask = s_ids.to(dev), s_mask.to(dev)
+            hidden = body(input_ids=s_ids, attention_mask=torch.cat([mask, s_mask], dim=1),
+                          position_ids=lengths[:, None] + torch.arange(steps, device=dev),
+                          past_key_values=cache, use_cache=True).last_hidden_state
+            if width:
+                cache.crop(-steps)  # back to the contexts (negative: tokens to drop)
+            last = torch.tensor([len(o) - 1 for o in own], device=dev)
+            picked = hidden[torch.arange(len(idx), device=dev), last]
+            scores.append(self.model.score(picked)[:, 0].float().tolist())
+        return scores[0], scores[1]
+
     @property
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any):
@@ -519,6 +635,7 @@ class PMEval:
     n: int
     ci95: tuple[float, float]
     rows: list[dict[str, Any]]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be used
 
 
 def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = None) -> PMEval:
@@ -526,7 +643,9 @@ def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = No
     transcripts, or the paper's multiple-choice rows (``text_correct``/``text_incorrect``).
     Rows with a soft ``score`` count towards the side they prefer; exact ties (0.5) are skipped."""
     file = Path(data)
-    first = next((row for _, row in _iter_jsonl(file)), None) if file.is_file() else None
+    skipped: list[UserError] = []
+    first = (next((row for _, row in _iter_jsonl(file, [])), None)
+             if file.is_file() else None)
     rows: list[dict[str, Any]] = []
     if first is not None and "text_correct" in first:
         items = load_mc_comparisons(file)[:limit]
@@ -543,9 +662,9 @@ def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = No
             rows.append({"text_correct": correct, "score_correct": s[0],
                          "scores_incorrect": s[1:], "correct": all(s[0] > x for x in s[1:])})
     else:
-        comps = [c for c in load_comparisons(file) if c.p != 0.5][:limit]
-        chosen = pm.score_answers([c.prompt for c in comps], [c.chosen for c in comps])
-        rejected = pm.score_answers([c.prompt for c in comps], [c.rejected for c in comps])
+        comps = [c for c in load_comparisons(file, skipped=skipped) if c.p != 0.5][:limit]
+        chosen, rejected = pm.score_pairs([c.prompt for c in comps], [c.chosen for c in comps],
+                                          [c.rejected for c in comps])
         for c, sc, sr in zip(comps, chosen, rejected, strict=True):
             rows.append({"id": c.id, "score_chosen": sc, "score_rejected": sr, "p": c.p,
                          "correct": sc > sr})
@@ -554,7 +673,10 @@ def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = No
     k = sum(r["correct"] for r in rows)
     from constitutional.evaluate.mc import wilson_interval
 
-    return PMEval(k / len(rows), k, len(rows), wilson_interval(k, len(rows)), rows)
+    for err in skipped:
+        log.warning("%s (row skipped)", err)
+    return PMEval(k / len(rows), k, len(rows), wilson_interval(k, len(rows)), rows,
+                  [{"line": e.line, "field": e.field, "reason": e.message} for e in skipped])
 
 
 def _mc_messages(text: str) -> list[Message]:

@@ -1,0 +1,116 @@
+"""`cai eval mc` throughput on the paper's multiple-choice file, against a naive loop.
+
+Both sides score the same rows of ``HarmfulVsEthical.jsonl`` (the paper's published evals, as
+they are: options " (A)"/" (B)" are three tokens each for this tokenizer) with the built-in
+model (SmolLM2-135M-Instruct, float32, CPU), and read the same log-likelihoods:
+
+* **ours**: ``constitutional.evaluate.mc.evaluate_mc`` (what `cai eval mc` runs): each context
+  computed once, every option read as its continuation, rows batched; with ``--debias`` both
+  letterings go together and share their conversation;
+* **naive**: one row at a time, one full forward pass per option over context + option (and,
+  with ``--debias``, per lettering), as an lm-eval-style loop does. Its rate is measured on the
+  first ``--naive-rows`` rows (a rate, so a subset is enough).
+
+Two settings, one after the other in the same run: the raw prompt, and ``--chat --debias``.
+Prints rows/s for both sides, the ratio and the agreement of the scores; timings are never
+asserted. Model load is excluded from both sides.
+
+    python bench/mc.py [--data PATH] [--rows N] [--naive-rows 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BUILTIN = "builtin:smollm2-135m-instruct"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / \
+    "HarmfulVsEthical.jsonl"
+
+
+def naive(lm, rows, chat: bool, debias: bool) -> tuple[list[list[float]], float]:
+    """Per row, the (lettering-averaged) log-likelihood of every option: one full forward pass
+    per (row, lettering, option), one sequence at a time."""
+    from constitutional.evaluate.mc import chat_context, swapped_row
+
+    tok, model = lm.tokenizer, lm.model
+    out = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for row in rows:
+            variants = [row] + ([swapped_row(row)[0]] if debias else [])
+            per = []
+            for v in variants:
+                text = lm.render(chat_context(v.prompt)) if chat else v.prompt
+                ctx = tok(text, add_special_tokens=not chat)["input_ids"]
+                scores = []
+                for option in v.corrects + v.incorrects:
+                    full = tok(text + option, add_special_tokens=not chat)["input_ids"]
+                    logits = model(torch.tensor([full])).logits[0]  # every position, as plain
+                    logp = torch.log_softmax(logits.float(), -1)
+                    scores.append(float(sum(logp[p - 1, full[p]]
+                                            for p in range(len(ctx), len(full)))))
+                per.append(scores)
+            out.append([sum(x) / len(per) for x in zip(*per, strict=True)])
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--rows", type=int, default=None, help="default: every row")
+    parser.add_argument("--naive-rows", type=int, default=24)
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data}: not found (the paper's HarmfulVsEthical.jsonl; pass "
+                         "--data PATH)")
+
+    from constitutional.evaluate.mc import MCConfig, evaluate_mc, load_mc
+    from constitutional.models import load_model
+
+    rows = load_mc(args.data, args.rows)
+    lm = load_model(BUILTIN)
+    print(f"model: {BUILTIN} (float32, {lm.device}, engine {lm.engine}); "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__} with {torch.get_num_threads()} threads")
+    lengths = [len(lm.tokenizer(r.prompt)["input_ids"]) for r in rows]
+    print(f"data: {args.data.name}, {len(rows)} rows, prompts of {min(lengths)}-{max(lengths)} "
+          f"tokens (mean {sum(lengths) / len(lengths):.0f}); options "
+          f"{lm.tokenizer(' (A)', add_special_tokens=False)['input_ids'].__len__()} tokens each")
+    for chat, debias in ((False, False), (True, True)):
+        mode = "--chat --debias" if chat else "raw"
+        before = lm.stats.to_dict()
+        t0 = time.perf_counter()
+        result = evaluate_mc(rows, MCConfig(BUILTIN, chat=chat, debias=debias), model=lm)
+        ours_s = time.perf_counter() - t0
+        passes = lm.stats.forward_passes - before["forward_passes"]
+        fed = lm.stats.scored_tokens - before["scored_tokens"]
+        ours_rate = len(rows) / ours_s
+        print(f"[{mode}] ours : {len(rows)} rows in {ours_s:.1f}s = {ours_rate:.3f} rows/s "
+              f"({passes} forward passes, {fed} tokens through the model); accuracy "
+              f"{result.accuracy:.3f}")
+        subset = rows[: args.naive_rows]
+        want, naive_s = naive(lm, subset, chat, debias)
+        naive_rate = len(subset) / naive_s
+        print(f"[{mode}] naive: {len(subset)} rows in {naive_s:.1f}s = {naive_rate:.3f} rows/s "
+              "(one full forward pass per option" + (" and lettering" if debias else "") + ")")
+        got = [r["logprobs_corrects"] + r["logprobs_incorrects"] for r in result.rows]
+        diff = max(abs(a - b) for g, w in zip(got, want, strict=False)
+                   for a, b in zip(g, w, strict=True))
+        same = sum((g[0] > max(g[1:])) == (w[0] > max(w[1:]))
+                   for g, w in zip(got, want, strict=False))
+        print(f"[{mode}] agreement: max |log-likelihood ours - naive| = {diff:.1e}; same verdict "
+              f"on {same}/{len(want)} rows")
+        goal = " (goal >= 4x)" if not chat else ""
+        print(f"[{mode}] ratio: ours / naive = {ours_rate / naive_rate:.2f}x{goal}")
+
+
+if __name__ == "__main__":
+    main()
