@@ -15,7 +15,7 @@ Two settings, one after the other in the same run: the raw prompt, and ``--chat 
 Prints rows/s for both sides, the ratio and the agreement of the scores; timings are never
 asserted. Model load is excluded from both sides.
 
-    python bench/mc.py [--data PATH] [--rows N] [--naive-rows 24]
+    python bench/mc.py [--data PATH] [--rows N] [--naive-rows 24] [--bf16]
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--rows", type=int, default=None, help="default: every row")
     parser.add_argument("--naive-rows", type=int, default=24)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time our path in bfloat16 and compare it with float32")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: not found (the paper's HarmfulVsEthical.jsonl; pass "
@@ -110,6 +112,28 @@ def main() -> None:
               f"on {same}/{len(want)} rows")
         goal = " (goal >= 4x)" if not chat else ""
         print(f"[{mode}] ratio: ours / naive = {ours_rate / naive_rate:.2f}x{goal}")
+        if args.bf16 and not chat:
+            bf16(rows, result, naive_rate)
+
+
+def bf16(rows, fp32, naive_rate: float) -> None:
+    """The same rows through the same code in bfloat16 (AVX512-BF16 here): speed, and how far
+    its scores and verdicts move from float32's. Not a default: that is for the numbers."""
+    from constitutional.evaluate.mc import MCConfig, evaluate_mc
+    from constitutional.models import load_model
+
+    lm = load_model(BUILTIN, dtype="bfloat16")
+    t0 = time.perf_counter()
+    result = evaluate_mc(rows, MCConfig(BUILTIN), model=lm)
+    rate = len(rows) / (time.perf_counter() - t0)
+    a = [r["logprobs_corrects"] + r["logprobs_incorrects"] for r in fp32.rows]
+    b = [r["logprobs_corrects"] + r["logprobs_incorrects"] for r in result.rows]
+    deltas = sorted(abs(x - y) for u, v in zip(a, b, strict=True) for x, y in zip(u, v,
+                                                                                 strict=True))
+    same = sum(r["correct"] == q["correct"] for r, q in zip(fp32.rows, result.rows, strict=True))
+    print(f"[raw, bfloat16] ours: {rate:.3f} rows/s = {rate / naive_rate:.2f}x the float32 naive "
+          f"loop; vs float32: same verdict on {same}/{len(rows)} rows, |delta log-likelihood| "
+          f"median {deltas[len(deltas) // 2]:.3f}, max {deltas[-1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ import pytest
 import torch
 from test_eval_mc import direct_logprob as direct  # one plain forward pass per option
 
-from constitutional.evaluate.mc import MCConfig, chat_context, evaluate_mc, load_mc_rows, run_mc
+from constitutional.evaluate.mc import (
+    MCConfig,
+    chat_context,
+    evaluate_mc,
+    load_mc_rows,
+    run_mc,
+    swapped_row,
+)
 from constitutional.rl.preference import evaluate_pm, load_comparisons, load_pm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -68,14 +75,22 @@ def test_each_context_is_computed_once(tiny) -> None:
     assert passes < sum(len(o) for o in options) / 2
 
 
-def test_debias_shares_the_conversation_between_letterings(tiny) -> None:
+@pytest.mark.parametrize("chat", [False, True])  # chat: the template's system prompt is a
+def test_debias_shares_the_conversation_between_letterings(tiny, chat: bool) -> None:
     rows = [r for r in load_mc_rows(QUIRKS)[0] if len(r.corrects) + len(r.incorrects) == 2][:16]
+    # (with chat, a prefix every row shares, below each question's own shared conversation)
     for debias in (False, True):
         before = tiny.stats.scored_tokens
-        evaluate_mc(rows, MCConfig(tiny.spec, debias=debias), model=tiny)
+        result = evaluate_mc(rows, MCConfig(tiny.spec, chat=chat, debias=debias), model=tiny)
         fed = tiny.stats.scored_tokens - before
         if not debias:
             plain = fed
+    for row, res in zip(rows[:3], result.rows, strict=False):  # and the scores stay exact
+        swapped = swapped_row(row)[0]
+        text = tiny.render(chat_context(swapped.prompt)) if chat else swapped.prompt
+        want = [direct(tiny, text, o, not chat) for o in swapped.corrects + swapped.incorrects]
+        got = res["swapped"]["logprobs_corrects"] + res["swapped"]["logprobs_incorrects"]
+        assert got == pytest.approx(want, abs=1e-4)
     # the second lettering costs its options block, not the whole conversation again
     assert plain < fed < 1.5 * plain
 
@@ -138,3 +153,21 @@ def test_run_mc_on_a_file_with_no_usable_row_is_one_error(tmp_path: Path) -> Non
     bad.write_text('{"prompt": "x"}\n{"nope": 1}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:1: field 'corrects': missing \(no usable"):
         run_mc(bad, MCConfig("unused"), tmp_path / "o.jsonl")
+
+
+def test_cli_eval_pm_reads_the_file_and_reports_skips(tiny_pm, tmp_path: Path) -> None:
+    pm_dir = tmp_path / "pm"
+    tiny_pm.model.save_pretrained(pm_dir)
+    tiny_pm.tokenizer.save_pretrained(pm_dir)
+    out = tmp_path / "pm_eval.jsonl"
+    proc = subprocess.run([*CAI, "eval", "pm", "--pm", str(pm_dir), "--data", str(HH),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "skipped 2 row(s)" in proc.stdout
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["n"] == 66 and summary["n_skipped"] == 2
+    lo, hi = summary["ci95"]
+    assert summary["at_chance"] == (lo <= 0.5 <= hi)
+    assert ("at chance" in proc.stdout) == summary["at_chance"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from rich.console import Console
@@ -15,12 +16,14 @@ err_console = Console(stderr=True)
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
-        force=True,
-    )
+    # on a terminal, rich; in a pipe or a log file, one plain line per record (rich would wrap
+    # a long warning over several lines at 80 columns)
+    handler: logging.Handler = (
+        RichHandler(console=err_console, show_path=False, show_time=False)
+        if err_console.is_terminal else logging.StreamHandler(sys.stderr))
+    if not err_console.is_terminal:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # third-party chatter stays quiet unless asked for
     for name in ("httpx", "httpcore", "openai", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -649,39 +649,62 @@ class HFModel(LanguageModel):
         result: list[list[float]] = [[0.0] * len(o) for o in opts]
         caches: dict[tuple[int, ...], Any] = {}
         self._seed_prefix(ext, caches, keep=max(common) + 1)
-        prefixes: set[tuple[int, ...]] = set()
-        for idx in self._score_batches(ext, caches):
-            self._score_batch(idx, ext, common, rests, caches, result, prefixes)
+        self.stats.scored_tokens += sum(len(p) for p in caches)
+        prefixes: set[tuple[int, ...]] = set(caches)  # prefixes counted in scored_tokens
+        for idx, batch_caches in self._score_batches(ext, caches, max(common) + 1):
+            prefixes.update(batch_caches)
+            self._score_batch(idx, ext, common, rests, batch_caches, result, prefixes)
         self.stats.requests += len(contexts)
         self.stats.seconds += time.perf_counter() - t0
         return result
 
-    def _score_batches(self, ext: list[list[int]], caches: dict[tuple[int, ...], Any]
-                       ) -> Iterator[list[int]]:
-        """Batches of context indices. Without a prefix that the whole call shares, contexts
-        sharing a long prefix with a neighbour (in token order) form one batch, whose prefix
-        :meth:`_layout` then computes once; the rest are cut by length as usual."""
+    def _score_batches(self, ext: list[list[int]], caches: dict[tuple[int, ...], Any],
+                       keep: int) -> Iterator[tuple[list[int], dict[tuple[int, ...], Any]]]:
+        """Batches of context indices, each with the prefix caches :meth:`_layout` may use.
+
+        Contexts that share a long prefix with a neighbour (in token order) beyond the call's
+        shared prefix (the two letterings of a ``--debias`` question: their conversation) form
+        a group; the group's prefix is computed once, on top of the call's prefix cache when
+        there is one. The other contexts are cut by length as usual."""
         budget = self.score_prefill_tokens
-        if caches or len(ext) < 2:  # rows cost their tokens after the call's shared prefix
-            shared = max((len(p) for p in caches), default=0)
-            yield from self._batches([len(e) - shared for e in ext], 0, budget)
-            return
+        base = max((len(p) for p in caches), default=0)  # the call's shared prefix
         order = sorted(range(len(ext)), key=lambda i: ext[i])
-        groups: list[list[int]] = [[order[0]]]
+        groups: list[list[int]] = [order[:1]]
         for a, b in itertools.pairwise(order):
-            shared = _shared_prefix_len([ext[a], ext[b]])
-            if shared >= self.min_shared_prefix and shared >= len(ext[b]) // 2:
+            more = _shared_prefix_len([ext[a], ext[b]]) - base
+            if more >= self.min_shared_prefix and more >= (len(ext[b]) - base) // 2:
                 groups[-1].append(b)
             else:
                 groups.append([b])
-        singles = [g[0] for g in groups if len(g) == 1]
-        for batch in self._batches([len(ext[i]) for i in singles], 0, budget):
-            yield [singles[b] for b in batch]
+        singles = sorted(g[0] for g in groups if len(g) == 1)
+        for batch in self._batches([len(ext[i]) - base for i in singles], 0, budget):
+            yield [singles[b] for b in batch], caches
         for g in groups:
-            if len(g) > 1:
-                for batch in self._batches([len(ext[i]) - len(ext[g[0]]) // 2 for i in g], 0,
-                                           budget):
-                    yield [g[b] for b in batch]
+            if len(g) < 2:
+                continue
+            seqs = [ext[i] for i in g]
+            shared = min(_shared_prefix_len(seqs), min(len(s) for s in seqs) - keep)
+            group_cache = self._extend_prefix(tuple(seqs[0][:shared]), caches)
+            for batch in self._batches([len(s) - shared for s in seqs], 0, budget):
+                yield [g[b] for b in batch], group_cache
+
+    def _extend_prefix(self, prefix: tuple[int, ...], caches: dict[tuple[int, ...], Any],
+                       ) -> dict[tuple[int, ...], Any]:
+        """``{prefix: its one-row KV cache}``, computed from the longest cached prefix of it."""
+        from transformers import DynamicCache
+
+        base = max((p for p in caches if len(p) <= len(prefix) and prefix[: len(p)] == p),
+                   key=len, default=())
+        cache = copy.deepcopy(caches[base]) if base else DynamicCache()
+        new = prefix[len(base):]
+        if new:
+            self.model(input_ids=torch.tensor([new], device=self.device),
+                       position_ids=torch.arange(len(base), len(prefix),
+                                                 device=self.device)[None],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.stats.forward_passes += 1
+            self.stats.scored_tokens += len(new)
+        return {prefix: cache}
 
     def _score_batch(self, idx: list[int], ext: list[list[int]], common: list[int],
                      rests: list[list[list[int]]], caches: dict[tuple[int, ...], Any],

@@ -172,30 +172,45 @@ def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool
     return Comparison(str(rid), prompt, chosen, rejected, p, source)
 
 
-def load_mc_comparisons(file: str | Path) -> list[tuple[str, list[str]]]:
+def load_mc_comparisons(file: str | Path, skipped: list[UserError] | None = None,
+                        ) -> list[tuple[str, list[str]]]:
     """The paper's multiple-choice rows through ``text_correct`` / ``text_incorrect``: a list of
-    (correct transcript, [incorrect transcripts])."""
+    (correct transcript, [incorrect transcripts]). With a ``skipped`` list, unusable rows are
+    appended to it and skipped (see :func:`load_comparisons`)."""
     file = Path(file)
     out = []
-    for n, row in _iter_jsonl(file):
-        for key in ("text_correct", "text_incorrect"):
-            if key not in row:
-                raise UserError("missing", file=file, line=n, field=key)
-        correct = row["text_correct"]
-        if isinstance(correct, list):
-            if len(correct) != 1:
-                raise UserError("expected one correct text", file=file, line=n,
-                                field="text_correct")
-            correct = correct[0]
-        incorrect = row["text_incorrect"]
-        incorrect = [incorrect] if isinstance(incorrect, str) else incorrect
-        if not isinstance(correct, str) or not incorrect or not all(
-                isinstance(t, str) for t in incorrect):
-            raise UserError("expected strings", file=file, line=n, field="text_incorrect")
-        out.append((correct, list(incorrect)))
+    for n, row in _iter_jsonl(file, skipped):
+        try:
+            out.append(_mc_comparison(row, file, n))
+        except UserError as err:
+            if skipped is None:
+                raise
+            skipped.append(err)
     if not out:
+        if skipped:
+            first = skipped[0]
+            raise UserError(f"{first.message} (no usable row: {len(skipped)} skipped)",
+                            file=file, line=first.line, field=first.field)
         raise UserError("no rows", file=file, line=1)
     return out
+
+
+def _mc_comparison(row: dict[str, Any], file: Path, n: int) -> tuple[str, list[str]]:
+    for key in ("text_correct", "text_incorrect"):
+        if key not in row:
+            raise UserError("missing", file=file, line=n, field=key)
+    correct = row["text_correct"]
+    if isinstance(correct, list):
+        if len(correct) != 1:
+            raise UserError("expected one correct text", file=file, line=n,
+                            field="text_correct")
+        correct = correct[0]
+    incorrect = row["text_incorrect"]
+    incorrect = [incorrect] if isinstance(incorrect, str) else incorrect
+    if not isinstance(correct, str) or not incorrect or not all(
+            isinstance(t, str) for t in incorrect):
+        raise UserError("expected strings", file=file, line=n, field="text_incorrect")
+    return correct, list(incorrect)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -648,7 +663,7 @@ def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = No
              if file.is_file() else None)
     rows: list[dict[str, Any]] = []
     if first is not None and "text_correct" in first:
-        items = load_mc_comparisons(file)[:limit]
+        items = load_mc_comparisons(file, skipped)[:limit]
         convs: list[list[Message]] = []
         spans = []
         for correct, incorrect in items:
