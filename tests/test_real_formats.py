@@ -171,3 +171,19 @@ def test_cli_eval_pm_reads_the_file_and_reports_skips(tiny_pm, tmp_path: Path) -
     lo, hi = summary["ci95"]
     assert summary["at_chance"] == (lo <= 0.5 <= hi)
     assert ("at chance" in proc.stdout) == summary["at_chance"]
+
+
+def test_options_one_at_a_time_equal_options_together(tiny, monkeypatch) -> None:
+    """Big batches read the options one index at a time (the context's cache cropped back after
+    each) instead of all together from a repeated cache: the same scores, more passes."""
+    rows = load_mc_rows(QUIRKS)[0][:9]
+    contexts, options = [r.prompt for r in rows], [r.corrects + r.incorrects for r in rows]
+    before = tiny.stats.forward_passes
+    together = tiny.score(contexts, options)
+    passes_together = tiny.stats.forward_passes - before
+    monkeypatch.setattr(tiny, "SCORE_REPEAT_TOKENS", 0)
+    before = tiny.stats.forward_passes
+    apart = tiny.score(contexts, options)
+    assert tiny.stats.forward_passes - before > passes_together
+    for a, b in zip(apart, together, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)

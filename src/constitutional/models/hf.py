@@ -188,6 +188,10 @@ class SeededSampler:
 class HFModel(LanguageModel):
     """A causal LM loaded with transformers from a local directory or a hub id."""
 
+    #: ``score`` reads all options of a batch in one pass when the batch's context cache,
+    #: repeated once per option, holds at most this many token positions
+    SCORE_REPEAT_TOKENS = 16384
+
     def __init__(
         self,
         name_or_path: str | Path,
@@ -734,28 +738,47 @@ class HFModel(LanguageModel):
                 result[i][j] = head + float(last[rest[0]])
         if not more:
             return
-        # the options' remaining tokens, one option index at a time, from the cached context
+        # the options' remaining tokens, from the cached context: every (row, option) in one
+        # pass when the context's cache, repeated per option, stays within the budget (it is
+        # not needed after); else one option index at a time, cropping the cache back after each
         ctx_len = batch.mask.sum(-1)
-        for j in range(max(len(rests[i]) for i in idx)):
-            feed = [rests[i][j][:-1] if j < len(rests[i]) else [] for i in idx]
-            steps = max(len(f) for f in feed)
-            if steps == 0:
-                continue
-            ids = torch.full((len(idx), steps), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), steps), dtype=torch.long)
-            for r, f in enumerate(feed):
-                ids[r, : len(f)] = torch.tensor(f, dtype=torch.long)
-                mask[r, : len(f)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            self.stats.scored_tokens += int(mask.sum())
-            out = self.model(input_ids=ids, attention_mask=torch.cat([batch.mask, mask], dim=1),
-                             position_ids=ctx_len[:, None] + torch.arange(steps,
-                                                                          device=self.device),
-                             past_key_values=batch.cache, use_cache=True)
-            self.stats.forward_passes += 1
-            batch.cache.crop(-steps)  # back to the context (negative: tokens to drop)
-            lp = torch.log_softmax(out.logits.float(), dim=-1)
-            for r, (i, f) in enumerate(zip(idx, feed, strict=True)):
-                if f:
-                    tok = torch.tensor(rests[i][j][1:], dtype=torch.long)
-                    result[i][j] += float(lp[r, torch.arange(len(f)), tok].sum())
+        n_opts = max(len(rests[i]) for i in idx)
+        if n_opts * batch.ids.numel() <= self.SCORE_REPEAT_TOKENS:
+            batch.cache.batch_repeat_interleave(n_opts)
+            pairs = [(r, j) for r in range(len(idx)) for j in range(n_opts)]
+            self._continue(batch.mask.repeat_interleave(n_opts, 0),
+                           ctx_len.repeat_interleave(n_opts), batch.cache, pairs, idx, rests,
+                           result, crop=False)
+            return
+        for j in range(n_opts):
+            self._continue(batch.mask, ctx_len, batch.cache, [(r, j) for r in range(len(idx))],
+                           idx, rests, result, crop=True)
+
+    def _continue(self, ctx_mask: torch.Tensor, ctx_len: torch.Tensor, cache: Any,
+                  pairs: list[tuple[int, int]], idx: list[int], rests: list[list[list[int]]],
+                  result: list[list[float]], crop: bool) -> None:
+        """One pass over option tokens after their contexts: cache row k continues with the
+        remaining tokens (all but the last) of option ``pairs[k] = (row, option)``; adds the
+        log-probabilities of the tokens after the first to ``result``."""
+        feed = [rests[idx[r]][j][:-1] if j < len(rests[idx[r]]) else [] for r, j in pairs]
+        steps = max(len(f) for f in feed)
+        if steps == 0:
+            return
+        ids = torch.full((len(pairs), steps), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), steps), dtype=torch.long)
+        for k, f in enumerate(feed):
+            ids[k, : len(f)] = torch.tensor(f, dtype=torch.long)
+            mask[k, : len(f)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.stats.scored_tokens += int(mask.sum())
+        out = self.model(input_ids=ids, attention_mask=torch.cat([ctx_mask, mask], dim=1),
+                         position_ids=ctx_len[:, None] + torch.arange(steps, device=self.device),
+                         past_key_values=cache, use_cache=True)
+        self.stats.forward_passes += 1
+        if crop:
+            cache.crop(-steps)  # back to the context (negative: tokens to drop)
+        lp = torch.log_softmax(out.logits.float(), dim=-1)
+        for k, ((r, j), f) in enumerate(zip(pairs, feed, strict=True)):
+            if f:
+                tok = torch.tensor(rests[idx[r]][j][1:], dtype=torch.long)
+                result[idx[r]][j] += float(lp[k, torch.arange(len(f)), tok].sum())
