@@ -110,11 +110,19 @@ def test_cli_skips_bad_rows_and_reports_them(tiny_model_dir: Path, tmp_path: Pat
 
 def test_hh_empty_answer_is_a_comparison_and_bad_rows_are_skipped() -> None:
     skipped: list = []
-    comps = load_comparisons(HH, skipped=skipped)
-    assert len(comps) == 66
+    comps = load_comparisons(HH, skipped=skipped, branching=True)
+    assert len(comps) == 67
     assert [(e.line, e.field) for e in skipped] == [(41, "rejected"), (61, None)]
     empty = [c for c in comps if c.chosen == ""]
     assert len(empty) == 1 and empty[0].prompt[-1]["role"] == "user"
+    # transcripts that branch before the final answer: two whole conversations for a PM...
+    (branch,) = [c for c in comps if c.conversations is not None]
+    chosen, rejected = branch.pair()
+    assert len(chosen) == 3 and len(rejected) == 2 and branch.prompt == chosen[:1]
+    # ...but no shared prompt to train on, so training skips them
+    skipped = []
+    assert len(load_comparisons(HH, skipped=skipped)) == 66
+    assert skipped[-1].line == 69 and "branch" in skipped[-1].message
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +142,10 @@ def tiny_pm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_pm_pairs_share_the_context_and_equal_full_scores(tiny_pm) -> None:
     comps = load_comparisons(HH, skipped=[])
     prompts = [c.prompt for c in comps]
+    pairs = [c.pair() for c in load_comparisons(HH, skipped=[], branching=True)]
+    a2, b2 = tiny_pm.score_conversation_pairs([x for x, _ in pairs], [y for _, y in pairs])
+    assert a2 == pytest.approx(tiny_pm.score([x for x, _ in pairs]), abs=1e-4)
+    assert b2 == pytest.approx(tiny_pm.score([y for _, y in pairs]), abs=1e-4)
     a, b = tiny_pm.score_pairs(prompts, [c.chosen for c in comps], [c.rejected for c in comps])
     full_a = tiny_pm.score_answers(prompts, [c.chosen for c in comps])
     full_b = tiny_pm.score_answers(prompts, [c.rejected for c in comps])
@@ -143,7 +155,7 @@ def test_pm_pairs_share_the_context_and_equal_full_scores(tiny_pm) -> None:
 
 def test_eval_pm_reads_the_whole_file(tiny_pm) -> None:
     result = evaluate_pm(tiny_pm, HH)
-    assert result.n == 66 and len(result.skipped) == 2
+    assert result.n == 67 and len(result.skipped) == 2
 
 
 def test_run_mc_on_a_file_with_no_usable_row_is_one_error(tmp_path: Path) -> None:
@@ -167,7 +179,7 @@ def test_cli_eval_pm_reads_the_file_and_reports_skips(tiny_pm, tmp_path: Path) -
     assert "Traceback" not in proc.stderr
     assert "skipped 2 row(s)" in proc.stdout
     summary = json.loads(out.with_suffix(".summary.json").read_text())
-    assert summary["n"] == 66 and summary["n_skipped"] == 2
+    assert summary["n"] == 67 and summary["n_skipped"] == 2
     lo, hi = summary["ci95"]
     assert summary["at_chance"] == (lo <= 0.5 <= hi)
     assert ("at chance" in proc.stdout) == summary["at_chance"]

@@ -66,9 +66,18 @@ class Comparison:
     rejected: str
     p: float
     source: str
+    # HH-RLHF rows whose two transcripts branch before the final answer (a few do: one side
+    # goes on for more turns): the two whole conversations, which a PM scores as they are
+    conversations: tuple[list[Message], list[Message]] | None = None
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+    def pair(self) -> tuple[list[Message], list[Message]]:
+        """The chosen and the rejected conversation, as a PM reads them."""
+        if self.conversations is not None:
+            return self.conversations
+        return _with_answer(self.prompt, self.chosen), _with_answer(self.prompt, self.rejected)
 
 
 def _as_messages(value: Any, file: Path, line: int, field: str, *,
@@ -114,14 +123,17 @@ def _iter_jsonl(file: Path, skipped: list[UserError] | None = None):
 
 
 def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False,
-                     skipped: list[UserError] | None = None) -> list[Comparison]:
+                     skipped: list[UserError] | None = None, branching: bool = False,
+                     ) -> list[Comparison]:
     """Comparisons from a ``cai rl label`` run directory or a JSONL file.
 
     Row forms: ``prompt``/``chosen``/``rejected`` (+ optional ``score`` = P(chosen preferred));
     or HH-RLHF ``chosen``/``rejected`` transcripts without ``prompt`` (an empty final answer is
     an answer). ``hard=True`` ignores any score (p = 1), as for human comparisons. With a
     ``skipped`` list, a row that cannot be used is appended to it (its error names the line and
-    field) and skipped; the file is an error only when no row is usable.
+    field) and skipped; the file is an error only when no row is usable. ``branching`` keeps
+    HH transcripts that branch before their final answers (for evaluation: a PM scores the two
+    whole conversations); training needs one shared prompt and skips or rejects them.
     """
     path = Path(spec)
     file = path / "preferences.jsonl" if path.is_dir() else path
@@ -131,7 +143,7 @@ def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False
     rows: list[Comparison] = []
     for n, row in _iter_jsonl(file, skipped):
         try:
-            rows.append(_comparison(row, file, n, source, hard))
+            rows.append(_comparison(row, file, n, source, hard, branching))
         except UserError as err:
             if skipped is None:
                 raise
@@ -145,10 +157,12 @@ def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False
     return rows
 
 
-def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool) -> Comparison:
+def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool,
+                branching: bool = False) -> Comparison:
     for key in ("chosen", "rejected"):
         if key not in row:
             raise UserError("missing", file=file, line=n, field=key)
+    conversations = None
     if "prompt" in row:
         prompt = _as_messages(row["prompt"], file, n, "prompt")
         chosen = _answer(row["chosen"], file, n, "chosen")
@@ -157,8 +171,12 @@ def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool
         prompt, chosen = _split_transcript(row["chosen"], file, n, "chosen")
         prompt_r, rejected = _split_transcript(row["rejected"], file, n, "rejected")
         if prompt_r != prompt:
-            raise UserError("chosen and rejected transcripts have different contexts",
-                            file=file, line=n, field="rejected")
+            if not branching:
+                raise UserError("chosen and rejected transcripts branch before their final "
+                                "answers (no shared prompt to train on)", file=file, line=n,
+                                field="rejected")
+            conversations = (_with_answer(prompt, chosen), _with_answer(prompt_r, rejected))
+            prompt = prompt[: _common_len(prompt, prompt_r)]  # the turns both share
     p = 1.0
     if not hard and row.get("score") is not None:
         p = row["score"]
@@ -168,8 +186,10 @@ def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool
         p = float(p)
     if p < 0.5:  # keep chosen = the side the label prefers
         chosen, rejected, p = rejected, chosen, 1.0 - p
-    rid = row.get("id") or stable_hash(prompt, chosen, rejected)
-    return Comparison(str(rid), prompt, chosen, rejected, p, source)
+        conversations = conversations and (conversations[1], conversations[0])
+    rid = row.get("id") or stable_hash(prompt, chosen, rejected,
+                                       *([conversations] if conversations else []))
+    return Comparison(str(rid), prompt, chosen, rejected, p, source, conversations)
 
 
 def load_mc_comparisons(file: str | Path, skipped: list[UserError] | None = None,
@@ -282,27 +302,35 @@ class PreferenceModel:
     def score_pairs(self, prompts: Sequence[Sequence[Message]], answers_a: Sequence[str],
                     answers_b: Sequence[str], *, max_tokens: int = 4096,
                     ) -> tuple[list[float], list[float]]:
-        """Scores of ``prompt + answer_a`` and ``prompt + answer_b`` for every pair, with the
-        tokens the two conversations share (the context) computed **once**: a pass over the
-        contexts fills their KV cache, then each side's own tokens run from it (the cache is
-        cropped back in between). Equal to :meth:`score` up to float rounding.
+        """Scores of ``prompt + answer_a`` and ``prompt + answer_b`` for every pair (see
+        :meth:`score_conversation_pairs`)."""
+        return self.score_conversation_pairs(
+            [_with_answer(p, a) for p, a in zip(prompts, answers_a, strict=True)],
+            [_with_answer(p, b) for p, b in zip(prompts, answers_b, strict=True)],
+            max_tokens=max_tokens)
+
+    def score_conversation_pairs(self, convs_a: Sequence[Sequence[Message]],
+                                 convs_b: Sequence[Sequence[Message]], *,
+                                 max_tokens: int = 4096) -> tuple[list[float], list[float]]:
+        """Scores of two conversations per pair, with the tokens they share (the context)
+        computed **once**: a pass over the contexts fills their KV cache, then each side's own
+        tokens run from it (the cache is cropped back in between). Equal to :meth:`score` up to
+        float rounding.
 
         Falls back to :meth:`score` for pairs cut by ``max_length`` and for heads other than
         transformers' ``score`` layer. ``max_tokens`` bounds a batch (rows × longest context).
         """
         import torch
 
-        enc_a = [encode(self.tokenizer, _with_answer(p, a), 1 << 30)
-                 for p, a in zip(prompts, answers_a, strict=True)]
-        enc_b = [encode(self.tokenizer, _with_answer(p, b), 1 << 30)
-                 for p, b in zip(prompts, answers_b, strict=True)]
+        enc_a = [encode(self.tokenizer, c, 1 << 30) for c in convs_a]
+        enc_b = [encode(self.tokenizer, c, 1 << 30) for c in convs_b]
         out_a, out_b = [0.0] * len(enc_a), [0.0] * len(enc_b)
         shareable = hasattr(self.model, "score") and hasattr(self.model, "base_model")
         plain = [i for i in range(len(enc_a)) if not shareable
                  or max(len(enc_a[i]), len(enc_b[i])) > self.max_length]
         if plain:
-            sa = self.score([_with_answer(prompts[i], answers_a[i]) for i in plain])
-            sb = self.score([_with_answer(prompts[i], answers_b[i]) for i in plain])
+            sa = self.score([convs_a[i] for i in plain])
+            sb = self.score([convs_b[i] for i in plain])
             for i, x, y in zip(plain, sa, sb, strict=True):
                 out_a[i], out_b[i] = x, y
         skip = set(plain)
@@ -377,7 +405,7 @@ class PreferenceModel:
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_len(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -677,9 +705,11 @@ def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = No
             rows.append({"text_correct": correct, "score_correct": s[0],
                          "scores_incorrect": s[1:], "correct": all(s[0] > x for x in s[1:])})
     else:
-        comps = [c for c in load_comparisons(file, skipped=skipped) if c.p != 0.5][:limit]
-        chosen, rejected = pm.score_pairs([c.prompt for c in comps], [c.chosen for c in comps],
-                                          [c.rejected for c in comps])
+        comps = [c for c in load_comparisons(file, skipped=skipped, branching=True)
+                 if c.p != 0.5][:limit]
+        pairs = [c.pair() for c in comps]
+        chosen, rejected = pm.score_conversation_pairs([a for a, _ in pairs],
+                                                       [b for _, b in pairs])
         for c, sc, sr in zip(comps, chosen, rejected, strict=True):
             rows.append({"id": c.id, "score_chosen": sc, "score_rejected": sr, "p": c.p,
                          "correct": sc > sr})
