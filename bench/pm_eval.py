@@ -5,9 +5,9 @@ its empty-answer row included) with the same preference model: the built-in mode
 (SmolLM2-135M-Instruct) with a scalar head, seeded (a trained PM has the same shapes and cost),
 and read the same two scores per comparison:
 
-* **ours**: ``PreferenceModel.score_pairs`` (what `cai eval pm` runs): the tokens that chosen
-  and rejected share (the conversation before the final answer) computed once, then each
-  answer from that cache, comparisons batched;
+* **ours**: ``PreferenceModel.score_conversation_pairs`` (what `cai eval pm` runs): the tokens
+  that chosen and rejected share (the conversation before the final answers) computed once,
+  with the first answer in the same pass, then the second answer from that cache;
 * **naive**: one full forward pass per (comparison, answer), one sequence at a time. Its rate is
   measured on the first ``--naive-pairs`` comparisons.
 
@@ -57,27 +57,28 @@ def main() -> None:
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: not found (an HH-RLHF chosen/rejected file; pass --data)")
 
-    from constitutional.rl.preference import _with_answer, encode, load_comparisons
+    from constitutional.rl.preference import _common_len, encode, load_comparisons
 
     skipped: list = []
-    comps = load_comparisons(args.data, skipped=skipped)[: args.pairs]
+    comps = load_comparisons(args.data, skipped=skipped, branching=True)[: args.pairs]
     with tempfile.TemporaryDirectory() as tmp:
         pm = make_pm(Path(tmp) / "pm")
     tok = pm.tokenizer
     print(f"PM: SmolLM2-135M-Instruct + scalar head (float32, {pm.device}); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads")
-    conv = [encode(tok, _with_answer(c.prompt, c.chosen), pm.max_length) for c in comps]
-    ctx = [encode(tok, list(c.prompt), pm.max_length) for c in comps]
-    share = sum(len(x) for x in ctx) / sum(len(x) for x in conv)
+    both = [(encode(tok, x, pm.max_length), encode(tok, y, pm.max_length))
+            for x, y in (c.pair() for c in comps)]
+    share = sum(2 * _common_len(x, y) for x, y in both) / sum(len(x) + len(y) for x, y in both)
+    conv = [x for x, _ in both]
     print(f"data: {args.data.name}, {len(comps)} comparisons ({len(skipped)} rows skipped, "
           f"{sum(c.chosen == '' or c.rejected == '' for c in comps)} with an empty answer); "
           f"conversations of {min(map(len, conv))}-{max(map(len, conv))} tokens, the shared "
-          f"context is {share:.0%} of them")
+          f"context is {share:.0%} of their tokens")
 
-    prompts = [c.prompt for c in comps]
     t0 = time.perf_counter()
-    a, b = pm.score_pairs(prompts, [c.chosen for c in comps], [c.rejected for c in comps])
+    pairs = [c.pair() for c in comps]
+    a, b = pm.score_conversation_pairs([x for x, _ in pairs], [y for _, y in pairs])
     ours_s = time.perf_counter() - t0
     ours_rate = len(comps) / ours_s
     acc = sum(x > y for x, y in zip(a, b, strict=True)) / len(comps)
@@ -90,8 +91,8 @@ def main() -> None:
     with torch.inference_mode():
         for c in subset:
             pair = []
-            for answer in (c.chosen, c.rejected):
-                ids = encode(tok, _with_answer(c.prompt, answer), pm.max_length)
+            for conversation in c.pair():
+                ids = encode(tok, conversation, pm.max_length)
                 pair.append(float(pm.model(input_ids=torch.tensor([ids])).logits[0, 0]))
             want.append(pair)
     naive_s = time.perf_counter() - t0

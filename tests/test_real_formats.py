@@ -139,14 +139,17 @@ def tiny_pm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return load_pm(out, batch_size=8)
 
 
-def test_pm_pairs_share_the_context_and_equal_full_scores(tiny_pm) -> None:
+@pytest.mark.parametrize("max_tokens", [None, 4096])  # CPU default: one pair per pass
+def test_pm_pairs_share_the_context_and_equal_full_scores(tiny_pm, max_tokens) -> None:
     comps = load_comparisons(HH, skipped=[])
     prompts = [c.prompt for c in comps]
     pairs = [c.pair() for c in load_comparisons(HH, skipped=[], branching=True)]
-    a2, b2 = tiny_pm.score_conversation_pairs([x for x, _ in pairs], [y for _, y in pairs])
+    a2, b2 = tiny_pm.score_conversation_pairs([x for x, _ in pairs], [y for _, y in pairs],
+                                              max_tokens=max_tokens)
     assert a2 == pytest.approx(tiny_pm.score([x for x, _ in pairs]), abs=1e-4)
     assert b2 == pytest.approx(tiny_pm.score([y for _, y in pairs]), abs=1e-4)
-    a, b = tiny_pm.score_pairs(prompts, [c.chosen for c in comps], [c.rejected for c in comps])
+    a, b = tiny_pm.score_pairs(prompts, [c.chosen for c in comps], [c.rejected for c in comps],
+                               max_tokens=max_tokens)
     full_a = tiny_pm.score_answers(prompts, [c.chosen for c in comps])
     full_b = tiny_pm.score_answers(prompts, [c.rejected for c in comps])
     assert a == pytest.approx(full_a, abs=1e-4) and b == pytest.approx(full_b, abs=1e-4)

@@ -300,7 +300,7 @@ class PreferenceModel:
         return self.score([_with_answer(p, a) for p, a in zip(prompts, answers, strict=True)])
 
     def score_pairs(self, prompts: Sequence[Sequence[Message]], answers_a: Sequence[str],
-                    answers_b: Sequence[str], *, max_tokens: int = 4096,
+                    answers_b: Sequence[str], *, max_tokens: int | None = None,
                     ) -> tuple[list[float], list[float]]:
         """Scores of ``prompt + answer_a`` and ``prompt + answer_b`` for every pair (see
         :meth:`score_conversation_pairs`)."""
@@ -311,16 +311,22 @@ class PreferenceModel:
 
     def score_conversation_pairs(self, convs_a: Sequence[Sequence[Message]],
                                  convs_b: Sequence[Sequence[Message]], *,
-                                 max_tokens: int = 4096) -> tuple[list[float], list[float]]:
+                                 max_tokens: int | None = None,
+                                 ) -> tuple[list[float], list[float]]:
         """Scores of two conversations per pair, with the tokens they share (the context)
         computed **once**: a pass over the contexts fills their KV cache, then each side's own
         tokens run from it (the cache is cropped back in between). Equal to :meth:`score` up to
         float rounding.
 
         Falls back to :meth:`score` for pairs cut by ``max_length`` and for heads other than
-        transformers' ``score`` layer. ``max_tokens`` bounds a batch (rows × longest context).
+        transformers' ``score`` layer. ``max_tokens`` bounds a batch (rows × longest context);
+        by default one pair per pass on CPU, which was fastest there (60 HH-RLHF pairs: 23.3 s
+        one pair per pass, 31.7 s in batches of up to 4,096 tokens), and 16,384 tokens on GPUs.
         """
         import torch
+
+        if max_tokens is None:
+            max_tokens = 1 if self.device.type == "cpu" else 16384
 
         enc_a = [encode(self.tokenizer, c, 1 << 30) for c in convs_a]
         enc_b = [encode(self.tokenizer, c, 1 << 30) for c in convs_b]
@@ -364,6 +370,22 @@ class PreferenceModel:
         from transformers import DynamicCache
 
         dev = self.device
+        body = self.model.base_model
+        if len(idx) == 1:  # one pair: the context and answer A in one pass, then answer B
+            i = idx[0]
+            cache = DynamicCache()
+            hidden = body(input_ids=torch.tensor([enc_a[i]], device=dev), past_key_values=cache,
+                          use_cache=True).last_hidden_state
+            score_a = float(self.model.score(hidden[:, -1])[0, 0])
+            own_b = enc_b[i][ctx[i]:]
+            if ctx[i]:
+                cache.crop(ctx[i] - len(enc_a[i]))  # back to the context
+            else:
+                cache = DynamicCache()
+            hidden = body(input_ids=torch.tensor([own_b], device=dev),
+                          position_ids=torch.arange(ctx[i], len(enc_b[i]), device=dev)[None],
+                          past_key_values=cache, use_cache=True).last_hidden_state
+            return [score_a], [float(self.model.score(hidden[:, -1])[0, 0])]
         width = max(ctx[i] for i in idx)
         ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -373,7 +395,6 @@ class PreferenceModel:
                 mask[r, width - ctx[i]:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         cache = DynamicCache()
-        body = self.model.base_model
         if width:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             body(input_ids=ids, attention_mask=mask, position_ids=positions,
