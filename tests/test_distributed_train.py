@@ -227,4 +227,7 @@ def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert max(abs(r["kl"]) for r in one) > 1e-4  # the policy did move away from the reference
     moved, differ = weight_gap(policy, tmp_path / "ppo-1", tmp_path / "ppo-2")
-    assert moved > 1e-3 and differ < 1e-5, (moved, differ)
+    # float32 sums in another order on two processes: 1.1e-5 with the lock's versions (torch
+    # 2.13.0, accelerate 1.15.0, transformers 5.23.0), on this code and on the code before it;
+    # still 500x below how far the weights moved
+    assert moved > 1e-3 and differ < 3e-5, (moved, differ)

@@ -179,9 +179,10 @@ def test_p_a_equals_a_direct_log_softmax_computation(tiny, tmp_path: Path) -> No
     config = LabelConfig(tiny.spec, few_shot=2, principles=1, both_orders=True)
     before = tiny.stats.forward_passes
     result = label(PAIRS, config, tmp_path / "run", model=tiny)
-    # one forward pass per (pair, principle, order), batched: here one batch of 6 rows (plus at
-    # most one pass for a shared few-shot prefix); one pass per option would be 12 row-passes
-    assert tiny.stats.forward_passes - before <= 2
+    # one forward pass per (pair, principle, order), batched: 6 rows in fewer passes than rows
+    # (plus a pass for the shared few-shot block, and one for each pair whose two orders share
+    # a long question, computed once); one pass per option would be 12 row-passes
+    assert tiny.stats.forward_passes - before < 6
     c = load_constitution("default")
     shots, _ = few_shot_block(c, 2, 0, 0, False)
     a_id, b_id = tiny.tokenizer.convert_tokens_to_ids(["A", "B"])

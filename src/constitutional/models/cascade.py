@@ -146,12 +146,6 @@ class attention_switched:
         self.model.set_attn_implementation(self.before)
 
 
-#: oneDNN only for passes of at most this many tokens (decoding steps). On this project's AMD
-#: CPU, MKL ran every prefill-sized product faster (a 576x1536 layer at 1,024 rows: 189 vs 116
-#: GFLOP/s), and scoring 16 paper MC rows took 16.4 s through oneDNN and 11.2 s through MKL.
-ONEDNN_MAX_ROWS = 64
-
-
 class OneDNNWeights:
     """The model's linear layers run through oneDNN with prepacked weights while generating.
 
@@ -188,13 +182,9 @@ class _Swapped:
         self.packed = packed
 
     def __enter__(self) -> None:
-        linear = torch.nn.functional.linear
         for module, (weight, bias) in self.packed.items():
             def forward(x: torch.Tensor, weight: torch.Tensor = weight,
-                        bias: torch.Tensor | None = bias,
-                        module: torch.nn.Linear = module) -> torch.Tensor:
-                if x.numel() > ONEDNN_MAX_ROWS * x.shape[-1]:  # prefill: MKL is faster
-                    return linear(x, module.weight, module.bias)
+                        bias: torch.Tensor | None = bias) -> torch.Tensor:
                 return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight,
                                                   bias).to_dense()
             module.forward = forward
