@@ -636,10 +636,11 @@ class HFModel(LanguageModel):
 
         The options' common leading tokens (" (" of " (A)", " (B)") are appended to the context,
         and the first pass reads their log-probabilities and each option's next token from the
-        last positions. Options longer than that are finished from the context's KV cache, one
-        option at a time (the cache is cropped back after each), so no option recomputes the
-        context. Contexts that share a long prefix (a call's few-shot block; the two letterings
-        of a ``--debias`` question) compute it once (see :meth:`_layout`)."""
+        last positions. Options longer than that are finished from the context's KV cache (all
+        options in one pass from the cache repeated per option, or one option at a time when
+        that would exceed ``SCORE_REPEAT_TOKENS``), so no option recomputes the context.
+        Contexts that share a long prefix (a call's few-shot block; the two letterings of a
+        ``--debias`` question) compute it once (see :meth:`_score_batches`)."""
         validate_prompts(contexts)
         opts = normalize_options(contexts, options)
         t0 = time.perf_counter()
