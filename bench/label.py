@@ -39,7 +39,7 @@ BUILTIN = "builtin:smollm2-135m-instruct"
 
 def bench_pairs(n: int, max_chars: int, seed: int = 0) -> list[dict]:
     """``n`` pairs of (prompt, two responses) from pyrit's human-labelled objective responses."""
-    from constitutional.sources import pyrit_scorer_pairs
+    from _data import pyrit_scorer_pairs
 
     rows = pyrit_scorer_pairs("objective")
     by_prompt: dict[str, list] = defaultdict(list)
@@ -63,7 +63,7 @@ def naive_label(lm, pairs: list[dict], few_shot: int, seed: int = 0) -> tuple[li
     """P(A) per (pair, order) with one full forward pass per option, one sequence at a time."""
     from constitutional.constitution import load_constitution
     from constitutional.rl import prompts as P
-    from constitutional.rl.label import few_shot_block, pair_principles, special_tokens
+    from constitutional.rl.feedback import few_shot_block, pair_principles, special_tokens
 
     constitution = load_constitution("default")
     shots, _ = few_shot_block(constitution, few_shot, 0, seed, False)
@@ -143,7 +143,7 @@ def main() -> None:
 def _contexts(pairs: list[dict], few_shot: int) -> list:
     from constitutional.constitution import load_constitution
     from constitutional.rl import prompts as P
-    from constitutional.rl.label import few_shot_block, pair_principles
+    from constitutional.rl.feedback import few_shot_block, pair_principles
 
     c = load_constitution("default")
     shots, _ = few_shot_block(c, few_shot, 0, 0, False)

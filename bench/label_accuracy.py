@@ -41,7 +41,7 @@ BUILTIN = "builtin:smollm2-135m-instruct"
 
 
 def human_pairs(max_chars: int, seed: int = 0) -> list[dict]:
-    from constitutional.sources import pyrit_scorer_pairs
+    from _data import pyrit_scorer_pairs
 
     by_objective: dict[str, list] = defaultdict(list)
     for row in pyrit_scorer_pairs("objective"):

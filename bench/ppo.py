@@ -303,7 +303,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    from constitutional.sources import load_prompts
+    from constitutional.prompts.sources import load_prompts
 
     policy = model_dir(args.model)
     per_step = args.batch // args.generations

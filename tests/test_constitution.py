@@ -17,7 +17,7 @@ from constitutional.constitution import (
     builtin_names,
     load_constitution,
 )
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAPER = FIXTURES / "paper"

@@ -31,18 +31,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 
-def run_accelerate(args: list[str], nproc: int, *, timeout: float = 600) -> str:
-    """Run ``cai ARGS`` under ``accelerate launch`` with ``nproc`` CPU processes; return stdout.
+def run_accelerate(args: list[str], nproc: int, *, timeout: float = 600,
+                   config: Path = CPU_CONFIG) -> str:
+    """Run ``cai ARGS`` under ``accelerate launch`` with ``nproc`` processes (CPU ones with the
+    default ``config``); return stdout.
 
     Both 1 and N processes go through the same launcher (torchrun), so the only difference
     between the runs is the number of processes.
     """
     from conftest import free_port
 
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(CPU_CONFIG), "--num_processes",
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(config), "--num_processes",
            str(nproc), "--main_process_port", str(free_port()), "-m", "constitutional", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
@@ -80,8 +83,8 @@ def train_losses(metrics: dict) -> list[float]:
 
 @pytest.mark.slow
 def test_sft_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from constitutional.sources import split_of
-    from constitutional.store import stable_hash
+    from constitutional.core.io import stable_hash
+    from constitutional.prompts.sources import split_of
 
     # 20 training rows (divisible by the global batch) and a held-out set, as `sl train` splits
     # them by id: with a held-out set the trainer evaluates before training, which is what once
@@ -154,9 +157,9 @@ def test_dpo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
     """TRL's DPOTrainer with our soft-label orientation: 40 training pairs, global batch 8."""
     from test_pm import marker_pairs
 
+    from constitutional.core.io import stable_hash
+    from constitutional.prompts.sources import split_of
     from constitutional.rl.preference import load_comparisons
-    from constitutional.sources import split_of
-    from constitutional.store import stable_hash
 
     data = marker_pairs(tmp_path / "all.jsonl", n=200)
     lines = data.read_text().splitlines()
@@ -201,8 +204,8 @@ def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
     turns float32 noise (other batch widths on other processes) into a different token every few
     hundred draws, which would make the runs part for a reason that has nothing to do with
     training. Three steps for the same reason: at lr 1e-3 the policy is ~5 nats from the
-    reference by step 4, and there (measured) one sampled token of the 96 already differs.""" 
-    from constitutional.testing import make_tiny_llama, make_tiny_pm
+    reference by step 4, and there (measured) one sampled token of the 96 already differs."""
+    from tiny_models import make_tiny_llama, make_tiny_pm
 
     policy = make_tiny_llama(tmp_path / "policy", tiny_model_dir, initializer_range=0.6)
     pm = make_tiny_pm(tmp_path / "pm", tiny_model_dir, seed=1)
@@ -231,3 +234,137 @@ def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
     # 2.13.0, accelerate 1.15.0, transformers 5.23.0), on this code and on the code before it;
     # still 500x below how far the weights moved
     assert moved > 1e-3 and differ < 3e-5, (moved, differ)
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared recipe (constitutional.train.run_trainer): the order distributed training needs
+
+FSDP_ON_CPU = (
+    "FSDP needs 2 GPUs here: accelerate (1.15) never runs FSDP on CPU. On a machine without "
+    "CUDA our trainers run with use_cpu=True, PartialState(cpu=True) then makes the run "
+    "MULTI_CPU over gloo, and AcceleratorState switches to DistributedType.FSDP only for GPU-type "
+    "runs (MULTI_GPU, MULTI_NPU, ...): an FSDP config on CPU silently trains with DDP (with "
+    "use_cpu=False, each process trains alone, DistributedType.NO). No error is raised either "
+    "way, so the CPU test below checks the order FSDP and ZeRO-3 need instead.")
+
+
+def fake_trl(events: list, main: bool) -> tuple[type, object, type, list]:
+    """A TRL arguments class, a model loader and a trainer class that log what is done to them
+    in ``events`` (``main``: whether the trainer's process is the main one)."""
+    from types import SimpleNamespace
+
+    class Args:
+        def __init__(self, **kwargs: object) -> None:
+            events.append("args")
+            self.kwargs = kwargs
+
+    class Model:
+        def merge_and_unload(self) -> Model:
+            events.append("merge")
+            return self
+
+        def save_pretrained(self, path: Path, **kwargs: object) -> None:
+            events.append(("save_pretrained", Path(path)))
+
+    def load_model(path: str, tokenizer: object) -> Model:
+        events.append("model")
+        assert tokenizer.pad_token is not None
+        return Model()
+
+    class Trainer:
+        def __init__(self, *, model: Model, args: Args, train_dataset: object,
+                     eval_dataset: object, processing_class: object, peft_config: object,
+                     **kwargs: object) -> None:
+            events.append("trainer")
+            self.model, self.args, self.peft_config, self.kwargs = model, args, peft_config, kwargs
+            self.state = SimpleNamespace(log_history=[])
+            self.accelerator = SimpleNamespace(wait_for_everyone=lambda: events.append("wait"))
+            made.append(self)
+
+        def remove_callback(self, callback: object) -> None:
+            pass
+
+        def add_callback(self, callback: object) -> None:
+            pass
+
+        def train(self, resume_from_checkpoint: object = None) -> SimpleNamespace:
+            events.append(("train", resume_from_checkpoint))
+            self.state.log_history = [{"step": 0, "eval_loss": 2.0, "eval_runtime": 0.1},
+                                      {"step": 1, "loss": 1.5, "grad_norm": 3.0, "epoch": 1.0}]
+            return SimpleNamespace(training_loss=1.234567, global_step=1)
+
+        def evaluate(self) -> dict:
+            events.append("evaluate")
+            return {"eval_loss": 1.0}
+
+        def save_model(self, path: str) -> None:
+            events.append(("save_model", Path(path)))
+
+        def is_world_process_zero(self) -> bool:
+            return main
+
+    made: list[Trainer] = []
+    return Args, load_model, Trainer, made
+
+
+@pytest.mark.parametrize(("lora", "main"), [(False, False), (True, True), (True, False)])
+def test_recipe_loads_the_model_after_the_arguments_and_saves_on_every_process(
+        tiny_model_dir: Path, tmp_path: Path, lora: bool, main: bool) -> None:
+    """The training arguments come first (they set up the processes; DeepSpeed ZeRO-3 partitions
+    only a model loaded after them); every process calls ``trainer.save_model`` (it gathers FSDP /
+    ZeRO-3 shards, and only the main process writes); LoRA is merged by the main process only.
+    (Under FSDP itself: :func:`test_sft_under_fsdp_saves_full_weights`, on GPUs.)"""
+    from constitutional.train import LoraTrainSettings, TrainJob, TrainRun, run_trainer
+
+    class Config(TrainRun, LoraTrainSettings):
+        pass
+
+    events: list = []
+    args_class, load_model, trainer_class, made = fake_trl(events, main)
+    out = tmp_path / "out"
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    metrics = run_trainer(Config(lora=lora, lora_r=4, resume=True, seed=7), TrainJob(
+        model=str(tiny_model_dir), out=out, trainer_class=trainer_class, args_class=args_class,
+        learning_rate=1e-3, datasets=lambda tokenizer: (["train"], ["held out"]),
+        load_model=load_model, args={"beta": 0.1},
+        trainer_kwargs=lambda tokenizer: {"data_collator": "collator"},
+        before={"loss_before": "eval_loss"}, after={"loss_after": "eval_loss"}))
+
+    saves = ([("save_model", out / "adapter"), *(["merge", ("save_pretrained", out)] if main
+                                                 else [])] if lora else [("save_model", out)])
+    assert events == ["args", "model", "trainer", ("train", True), "evaluate", *saves, "wait"]
+    trainer = made[0]
+    assert trainer.args.kwargs["beta"] == 0.1 and trainer.args.kwargs["eval_on_start"]
+    assert (trainer.args.kwargs["learning_rate"], trainer.args.kwargs["seed"]) == (1e-3, 7)
+    assert trainer.kwargs == {"data_collator": "collator"}
+    # LoRA's alpha defaults to twice the rank
+    assert (trainer.peft_config.lora_alpha if lora else trainer.peft_config) == (8 if lora
+                                                                                 else None)
+    assert metrics == {"loss_before": 2.0, "train_loss": 1.2346, "steps": 1,
+                       "train_log": [{"step": 0, "eval_loss": 2.0},
+                                     {"step": 1, "loss": 1.5, "epoch": 1.0}],
+                       "loss_after": 1.0}
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp_saves_full_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`cai sl train` under FSDP (configs/accelerate/fsdp.yaml, 2 processes): the saved model is
+    whole (gathered from the shards), loads with ``from_pretrained``, and has trained."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip(FSDP_ON_CPU)
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(24)))
+    out = tmp_path / "model"
+    run_accelerate(["sl", "train", "--data", str(data), "-m", str(tiny_model_dir), "--out",
+                    str(out), "--epochs", "2", "--batch-size", "2", "--eval-fraction", "0",
+                    "--learning-rate", "1e-3"], 2, config=FSDP_CONFIG)
+    assert json.loads((out / "sl_train.json").read_text())["metrics"]["processes"] == 2
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    assert trained.keys() == base.keys()
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
+    moved = max((trained[k] - base[k]).abs().max().item() for k in base)
+    assert moved > 1e-3, moved

@@ -1,4 +1,4 @@
-"""The guard around the CPU engine (models.guard): tested versions only, a self-check at load,
+"""The guard around the CPU engine (models.engines.guard): tested versions only, a self-check at load,
 and a fallback to transformers' stock generate with one warning line."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import os
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama
 
-from constitutional.models import SamplingParams, cascade, guard
+from constitutional.models import SamplingParams
+from constitutional.models.engines import cascade, guard
 from constitutional.models.hf import HFModel
-from constitutional.testing import make_tiny_llama
 
 PROMPTS = [[{"role": "user", "content": "Hello there, how are you?"}],
            [{"role": "user", "content": "Name three colours. " * 3}]]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +16,18 @@ import torch
 
 from constitutional.cli import main
 from constitutional.constitution import load_constitution
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
+from constitutional.core.io import stable_hash
 from constitutional.evaluate.elo import (
-    ELO_SCALE,
     FeedbackJudge,
     PMJudge,
     elo_eval,
-    fit_bradley_terry,
     harmless_constitution,
     load_answers,
     run_elo,
-    synthetic_comparisons,
 )
 from constitutional.evaluate.revision_curve import load_traces, revision_curve
+from constitutional.evaluate.stats import ELO_SCALE, fit_bradley_terry, sigmoid
 from constitutional.rl.label import LabelConfig, label
 
 TRUE = {"initial": 0.0, "sl": 120.0, "rl": 260.0, "bad": -150.0}
@@ -49,6 +50,22 @@ ANSWERS = {
 
 # ------------------------------------------------------------------------------------------------
 # Bradley–Terry
+
+
+def synthetic_comparisons(elo: Mapping[str, float], prompts: int, *, seed: int = 0,
+                          soft: bool = False) -> tuple[list[tuple[str, str, float]], list[str]]:
+    """Comparisons of every pair on ``prompts`` prompts, drawn from true ``elo`` ratings:
+    outcomes are Bernoulli(P(i beats j)) or, with ``soft``, P itself. Returns (comparisons,
+    groups)."""
+    rng = random.Random(stable_hash("synthetic-bt", seed))
+    names = list(elo)
+    comps, groups = [], []
+    for k in range(prompts):
+        for a, b in itertools.combinations(names, 2):
+            p = sigmoid((elo[a] - elo[b]) / ELO_SCALE)
+            comps.append((a, b, p if soft else float(rng.random() < p)))
+            groups.append(f"prompt-{k}")
+    return comps, groups
 
 
 def test_bt_recovers_known_strengths_from_soft_outcomes() -> None:
@@ -135,7 +152,7 @@ def test_bt_rejects_bad_input(comps, players, needle) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_pm_dir(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Path:
-    from constitutional.testing import make_tiny_pm
+    from tiny_models import make_tiny_pm
 
     return make_tiny_pm(tmp_path_factory.mktemp("pm") / "pm", builtin_dir)
 

@@ -19,8 +19,8 @@ from constitutional.evaluate.mc import (
     option_spans,
     run_mc,
     swapped_row,
-    wilson_interval,
 )
+from constitutional.evaluate.stats import wilson_interval
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mc"
 SMALL = FIXTURES / "hhh_small.jsonl"

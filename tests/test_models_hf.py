@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 from constitutional.models import SamplingParams
 from constitutional.models.hf import HFModel, _shared_prefix_len
 

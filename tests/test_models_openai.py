@@ -13,7 +13,7 @@ import time
 import pytest
 from fault_proxy import FaultProxy
 
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 from constitutional.models import SamplingParams, load_model
 from constitutional.models.openai import OpenAIModel
 

@@ -15,7 +15,7 @@ import pytest
 
 from constitutional.cli import main
 from constitutional.config import RunConfig, load_config
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["red_team_limit=8", "helpful_limit=8", "eval.prompts=3", "eval.bootstrap=50",
@@ -129,7 +129,7 @@ def test_pipeline_with_the_ray_executor_matches_local(tiny_model_dir, tmp_path):
     The model is a peaked tiny Llama: the shards batch other rows together than one process
     does, and sampling from the near-uniform distribution of a default random tiny model turns
     float32 noise from other batch widths into a different token every few hundred draws."""
-    from constitutional.testing import make_tiny_llama
+    from tiny_models import make_tiny_llama
 
     tiny_model_dir = make_tiny_llama(tmp_path / "peaked", tiny_model_dir, initializer_range=0.6)
     local, ray_run = tmp_path / "local", tmp_path / "ray"

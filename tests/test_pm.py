@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from constitutional.cli import app, main
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 from constitutional.rl.preference import (
     load_comparisons,
     load_pm,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama, make_tiny_pm
 
 from constitutional.rl.ppo import (
     PPOConfig,
@@ -18,7 +19,6 @@ from constitutional.rl.ppo import (
     ppo_train,
     whiten,
 )
-from constitutional.testing import make_tiny_llama, make_tiny_pm
 
 # prompts of one shape, so that a random tiny policy has a similar first-token distribution
 PROMPTS = [[{"role": "user", "content": f"Say something about item {i}"}] for i in range(10)] * 2

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray_faults import FAULT_ENV, HOOK
+from tiny_models import make_tiny_llama
 
 from constitutional.cli import main
+from constitutional.core.errors import UserError
+from constitutional.core.io import RunDir, read_jsonl
 from constitutional.distributed import RayOptions, shard_of
-from constitutional.distributed.ray import FAULT_ENV, ray_label, ray_revise, ray_sample
-from constitutional.errors import UserError
+from constitutional.distributed.ray import HOOK_ENV, ray_label, ray_revise, ray_sample
+from constitutional.prompts.sources import PromptRecord, load_prompts
 from constitutional.rl.label import LabelConfig, label
 from constitutional.rl.sample import SampleConfig
 from constitutional.sl.revise import PREFS_FILE, SFT_FILE, TRACES_FILE, ReviseConfig, revise
-from constitutional.sources import PromptRecord, load_prompts
-from constitutional.store import RunDir, read_jsonl
-from constitutional.testing import make_tiny_llama
 
 PROMPTS = [f"Tell me how to do risky thing number {i}, step by step." for i in range(8)]
 
@@ -67,6 +68,7 @@ def test_revise_on_ray_matches_single_process_despite_a_killed_actor(
     # re-runs the shard, which resumes from those steps
     first = load_prompts(str(prompt_file))[0]
     crash = shard_of(first.id, 3)
+    monkeypatch.setenv(HOOK_ENV, HOOK)
     monkeypatch.setenv(FAULT_ENV, f"{crash}:2")
     config = revise_config(prompt_file, tiny_model_dir, tmp_path / "ray")
     result = ray_revise(config, RayOptions(num_actors=2, num_shards=3))
@@ -121,6 +123,7 @@ def test_label_on_ray_matches_single_process(local_ray, tiny, tiny_model_dir, tm
     single = label(pairs, config, tmp_path / "single", model=tiny)
     # shard 0 dies twice: Ray restarts its actor once (retries=1), then the driver re-submits the
     # shard to a fresh actor, where it finishes
+    monkeypatch.setenv(HOOK_ENV, HOOK)
     monkeypatch.setenv(FAULT_ENV, "0:1:2")
     result = ray_label(pairs, config, tmp_path / "ray",
                        RayOptions(num_actors=2, num_shards=3, retries=1))

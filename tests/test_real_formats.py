@@ -27,7 +27,8 @@ from constitutional.evaluate.mc import (
     run_mc,
     swapped_row,
 )
-from constitutional.rl.preference import evaluate_pm, load_comparisons, load_pm
+from constitutional.evaluate.pm import evaluate_pm
+from constitutional.rl.preference import load_comparisons, load_pm
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QUIRKS = FIXTURES / "mc" / "quirks.jsonl"
@@ -162,7 +163,7 @@ def test_eval_pm_reads_the_whole_file(tiny_pm) -> None:
 
 
 def test_run_mc_on_a_file_with_no_usable_row_is_one_error(tmp_path: Path) -> None:
-    from constitutional.errors import UserError
+    from constitutional.core.errors import UserError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"nope": 1}\n')

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import html
 import json
 import os
 import re
@@ -56,8 +57,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_pm(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path):
+    from tiny_models import make_tiny_pm
+
     from constitutional.rl.preference import load_pm
-    from constitutional.testing import make_tiny_pm
 
     return load_pm(make_tiny_pm(tmp_path_factory.mktemp("pm") / "pm", builtin_dir))
 
@@ -182,6 +184,44 @@ def test_missing_and_broken_files_never_crash(tmp_path: Path, run_dir: Path) -> 
     assert "1 unreadable line(s)" in sections["ppo"] and "<table>" in sections["ppo"]
     assert "No traces" in sections["sl"] and "SL-CAI summary" in sections["sl"]
     assert 'class="error"' not in sections["answers"]
+
+
+def test_text_from_the_run_is_escaped(tmp_path: Path) -> None:
+    """Autoescaping: markup in a trace or an answer is shown as text and adds no element."""
+    from html.parser import HTMLParser
+
+    class Parsed(HTMLParser):
+        def __init__(self, page: str) -> None:
+            super().__init__(convert_charrefs=True)
+            self.tags: list[str] = []
+            self.text = ""
+            self.feed(page)
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.tags.append(tag)
+
+        def handle_data(self, data: str) -> None:
+            self.text += data
+
+    _write_jsonl(tmp_path / "sl" / "revise.traces.jsonl", [{
+        "prompt": [{"role": "user", "content": NASTY}], "initial": NASTY,
+        "rounds": [{"round": 1, "principle": NASTY, "critique_request": NASTY,
+                    "critique": NASTY, "revision": NASTY}]}])
+    _write_jsonl(tmp_path / "eval" / "answers.jsonl", [
+        {"checkpoint": NASTY, "prompt_id": NASTY, "kind": NASTY, "prompt": NASTY,
+         "answer": "I can't help with that. " + NASTY}])
+    page = render_report(tmp_path)
+    assert NASTY not in page and html.escape(NASTY) in page
+    assert not {"script", "img"} & set(Parsed(page).tags)
+    sections = _sections(page)
+    sl, answers = Parsed(sections["sl"]), Parsed(sections["answers"])
+    # the trace: its summary, principles badge, prompt, initial answer, round heading,
+    # critique request, critique and revision; the answers: the summary table's kind and
+    # checkpoint, the heading, the prompt's summary, id badge and text, the checkpoint, the answer
+    assert sl.text.count(NASTY) == 8 and answers.text.count(NASTY) == 8
+    assert (sl.tags.count("details"), sl.tags.count("pre")) == (1, 5)
+    assert (answers.tags.count("details"), answers.tags.count("pre")) == (1, 2)
+    assert 'class="badge bad" title="' in sections["answers"]  # the refusal is still marked
 
 
 def test_cli_report(run_dir: Path, tmp_path: Path, capsys) -> None:

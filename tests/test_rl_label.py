@@ -15,21 +15,17 @@ import torch
 
 from constitutional.cli import main
 from constitutional.constitution import load_constitution
+from constitutional.core.io import read_jsonl
 from constitutional.rl import prompts as P
-from constitutional.rl.label import (
-    LabelConfig,
-    clamp,
+from constitutional.rl.feedback import (
     ensemble,
     few_shot_block,
-    is_position_biased,
-    label,
-    load_pairs,
     option_probability,
     pair_principles,
     prob_response_a,
     special_tokens,
 )
-from constitutional.store import read_jsonl
+from constitutional.rl.label import LabelConfig, clamp, is_position_biased, label, load_pairs
 
 CAI = [sys.executable, "-m", "constitutional.cli"]
 

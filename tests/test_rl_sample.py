@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
+from constitutional.core.io import read_jsonl
+from constitutional.prompts.sources import PromptRecord
 from constitutional.rl.sample import SampleConfig, pair_id, sample
-from constitutional.sources import PromptRecord
-from constitutional.store import read_jsonl
 
 CAI = [sys.executable, "-m", "constitutional.cli"]
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_models import make_tiny_llama
 
 from constitutional.cli import main
 from constitutional.constitution import load_constitution
@@ -24,7 +25,6 @@ from constitutional.sl.revise import (
     revise,
     sample_principles,
 )
-from constitutional.testing import make_tiny_llama
 
 PROMPTS = [f"Tell me how to do risky thing number {i}, step by step." for i in range(40)]
 

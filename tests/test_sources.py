@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from constitutional import sources
-from constitutional.errors import UserError
-from constitutional.sources import (
+from constitutional.core.errors import UserError
+from constitutional.core.messages import parse_hh_transcript
+from constitutional.prompts import sources
+from constitutional.prompts.sources import (
     PromptRecord,
     load_prompt_set,
     load_prompts,
-    parse_hh_transcript,
     prompt_id,
-    pyrit_scorer_pairs,
     split_of,
 )
 
@@ -202,16 +201,6 @@ def test_builtin_helpful_prompts_are_many_unique_and_varied() -> None:
     assert closest < 0.75  # no templated near-duplicates
     openings = {" ".join(r.text.lower().split()[:4]) for r in result.records}
     assert len(openings) > 0.6 * len(result.records)
-
-
-def test_pyrit_scorer_pairs() -> None:
-    pairs = pyrit_scorer_pairs()
-    assert len(pairs) == 395
-    assert Counter(p.harmful for p in pairs)[True] > 100
-    assert Counter(p.harmful for p in pairs)[False] > 100
-    assert all(p.prompt and p.response for p in pairs)
-    graded = pyrit_scorer_pairs("harm")
-    assert {p.score for p in graded} > {0.0, 1.0}
 
 
 def test_hf_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

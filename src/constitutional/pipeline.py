@@ -29,13 +29,13 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from constitutional.config import RunConfig
-from constitutional.errors import UserError
-from constitutional.store import JsonlStore, atomic_write_text, stable_hash
+from constitutional.core.errors import UserError
+from constitutional.core.io import JsonlStore, atomic_write_text, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,6 @@ class Pipeline:
 
     def algos(self) -> list[str]:
         algo = self.config.rl.algo
-        if algo not in ("ppo", "dpo", "both"):
-            raise UserError(f"must be ppo, dpo or both, got {algo!r}", field="rl.algo")
         return ["ppo", "dpo"] if algo == "both" else [algo]
 
     def ray_options(self):
@@ -115,20 +113,20 @@ class Pipeline:
             Stage("revise", "sl", ["sl/revise.traces.jsonl", "sl/revise.sft.jsonl"],
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, "constitution": cfg.constitution,
-                               **asdict(cfg.revise)}, [], [], _revise),
+                               **cfg.revise.model_dump()}, [], [], _revise),
             Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
-                  lambda cfg: {**common(cfg), "helpful": cfg.helpful, **asdict(cfg.sl_train)},
+                  lambda cfg: {**common(cfg), "helpful": cfg.helpful, **cfg.sl_train.model_dump()},
                   ["sl/revise.sft.jsonl"], ["revise"], _sl_train),
             Stage("sample", "rl", ["rl/pairs.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
-                               "limit": cfg.red_team_limit, **asdict(cfg.sample)},
+                               "limit": cfg.red_team_limit, **cfg.sample.model_dump()},
                   ["sl/model"], ["sl_train"], _sample),
             Stage("label", "", ["rl/labels.jsonl", "rl/preferences.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
-                               **asdict(cfg.label)},
+                               **cfg.label.model_dump()},
                   ["rl/pairs.jsonl"], ["sample"], _label),
             Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
-                  lambda cfg: {**common(cfg), **asdict(cfg.pm)},
+                  lambda cfg: {**common(cfg), **cfg.pm.model_dump()},
                   ["rl/preferences.jsonl"], ["label"], _pm),
         ]
         algos = self.algos()
@@ -137,18 +135,18 @@ class Pipeline:
                 "ppo", "ppo", ["ppo/model.safetensors", "ppo/ppo_log.jsonl"],
                 lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                              "helpful": cfg.helpful, "limit": cfg.red_team_limit,
-                             **asdict(cfg.rl)},
+                             **cfg.rl.model_dump()},
                 ["sl/model", "pm"], ["sl_train", "pm"], _ppo))
         if "dpo" in algos:
             stages.append(Stage(
                 "dpo", "dpo", ["dpo/model.safetensors", "dpo/dpo.json"],
-                lambda cfg: {"seed": cfg.seed, **asdict(cfg.rl)},
+                lambda cfg: {"seed": cfg.seed, **cfg.dpo.model_dump()},
                 ["sl/model", "rl/preferences.jsonl"], ["sl_train", "label"], _dpo))
         stages.append(Stage(
             "eval", "eval", ["eval/answers.jsonl", "eval/elo.json", "eval/evasiveness.json",
                              "eval/revision_curve.json"],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
-                         "constitution": cfg.constitution, **asdict(cfg.eval)},
+                         "constitution": cfg.constitution, **cfg.eval.model_dump()},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
 
@@ -244,9 +242,9 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
     from constitutional.sl.revise import ReviseConfig, revise
 
     c = pl.config
-    config = ReviseConfig(prompts=c.red_team, model=c.model, out=str(pl.p("sl")),
-                          constitution=c.constitution, limit=c.red_team_limit, split="train",
-                          seed=c.seed, **asdict(c.revise))
+    config = ReviseConfig(**c.revise.model_dump(), prompts=c.red_team, model=c.model,
+                          out=str(pl.p("sl")), constitution=c.constitution,
+                          limit=c.red_team_limit, split="train", seed=c.seed)
     options = pl.ray_options()
     if options is not None:
         from constitutional.distributed.ray import ray_revise
@@ -267,24 +265,21 @@ def _model(spec: str, c: RunConfig):
 def _sl_train(pl: Pipeline) -> dict[str, Any]:
     from constitutional.sl.train import SLTrainConfig, sl_train
 
-    c, s = pl.config, pl.config.sl_train
-    result = sl_train(SLTrainConfig(
-        data=str(pl.p("sl")), model=c.model, out=pl.sl_model, helpful=c.helpful,
-        helpful_ratio=s.helpful_ratio, helpful_max_new_tokens=s.helpful_max_new_tokens,
-        epochs=s.epochs, learning_rate=s.learning_rate, batch_size=s.batch_size,
-        max_length=s.max_length, lora=s.lora, seed=c.seed, resume=True))
+    c = pl.config
+    result = sl_train(SLTrainConfig(**c.sl_train.model_dump(), data=str(pl.p("sl")),
+                                    model=c.model, out=pl.sl_model, helpful=c.helpful,
+                                    seed=c.seed, resume=True))
     return {k: result.metrics.get(k) for k in ("eval_loss_before", "eval_loss_after",
                                                 "train_rows")}
 
 
 def _sample(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.prompts.sources import load_prompts
     from constitutional.rl.sample import SampleConfig, sample
-    from constitutional.sources import load_prompts
 
     c = pl.config
-    config = SampleConfig(model=pl.sl_model, temperature=c.sample.temperature,
-                          top_p=c.sample.top_p, max_new_tokens=c.sample.max_new_tokens,
-                          seed=c.seed, prompts=c.red_team)
+    config = SampleConfig(**c.sample.model_dump(), model=pl.sl_model, seed=c.seed,
+                          prompts=c.red_team)
     prompts = load_prompts(c.red_team, limit=c.red_team_limit, seed=c.seed + 1, split="train")
     options = pl.ray_options()
     if options is not None:
@@ -299,11 +294,10 @@ def _sample(pl: Pipeline) -> dict[str, Any]:
 def _label(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.label import LabelConfig, label, load_pairs
 
-    c, s = pl.config, pl.config.label
-    clamp: Any = None if s.clamp_off else (tuple(s.clamp) if s.clamp else "auto")
-    config = LabelConfig(feedback_model=pl.feedback_model, constitution=c.constitution,
-                         principles=s.principles, few_shot=s.few_shot,
-                         both_orders=s.both_orders, cot=s.cot, clamp=clamp, seed=c.seed)
+    c = pl.config
+    config = LabelConfig(**c.label.model_dump(exclude={"feedback_model"}),
+                         feedback_model=pl.feedback_model, constitution=c.constitution,
+                         seed=c.seed)
     pairs = load_pairs(pl.p("rl"))
     options = pl.ray_options()
     if options is not None:
@@ -318,12 +312,10 @@ def _label(pl: Pipeline) -> dict[str, Any]:
 def _pm(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.preference import PMConfig, pm_train
 
-    c, s = pl.config, pl.config.pm
-    result = pm_train(PMConfig(
-        labels=str(pl.p("rl")), model=s.model or c.model, out=str(pl.p("pm")),
-        human_prefs=s.human_prefs, human_ratio=s.human_ratio, epochs=s.epochs,
-        learning_rate=s.learning_rate, batch_size=s.batch_size, eval_fraction=s.eval_fraction,
-        seed=c.seed, resume=True))
+    c = pl.config
+    result = pm_train(PMConfig(**c.pm.model_dump(exclude={"model"}), labels=str(pl.p("rl")),
+                               model=c.pm.model or c.model, out=str(pl.p("pm")), seed=c.seed,
+                               resume=True))
     return {k: result.metrics.get(k) for k in ("eval_accuracy_before", "eval_accuracy",
                                                 "eval_rows")}
 
@@ -332,16 +324,13 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.ppo import PPOConfig, ppo_train
 
     c, s = pl.config, pl.config.rl
-    result = ppo_train(PPOConfig(
-        policy=pl.sl_model, pm=str(pl.p("pm")), prompts=c.red_team, out=str(pl.p("ppo")),
-        helpful=c.helpful, helpful_ratio=s.helpful_ratio, limit=c.red_team_limit,
-        steps=s.steps, rollout_batch=s.rollout_batch, minibatch=s.minibatch,
-        ppo_epochs=s.ppo_epochs, learning_rate=s.learning_rate, max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature, kl_coef=s.kl_coef, adaptive_kl=s.adaptive_kl,
-        target_kl=s.target_kl, vf_coef=s.vf_coef, value_train=s.value_train, lora=s.lora, seed=c.seed,
-        save_steps=max(1, min(10, s.steps // 2)), resume=True),
-        on_step=lambda r: log.info("ppo step %d: reward %.3f, KL %.3f", r["step"],
-                                   r["reward_mean"], r["kl"]))
+    settings = {**s.model_dump(exclude={"algo"}), "limit": c.red_team_limit,
+                "save_steps": min(s.save_steps, max(1, s.steps // 2))}
+    result = ppo_train(PPOConfig(**settings, policy=pl.sl_model, pm=str(pl.p("pm")),
+                                 prompts=c.red_team, out=str(pl.p("ppo")), helpful=c.helpful,
+                                 seed=c.seed, resume=True),
+                       on_step=lambda r: log.info("ppo step %d: reward %.3f, KL %.3f", r["step"],
+                                                  r["reward_mean"], r["kl"]))
     last = result.log[-1] if result.log else {}
     first = result.log[0] if result.log else {}
     return {"reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
@@ -351,11 +340,10 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
 def _dpo(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.dpo import DPOStageConfig, dpo_train
 
-    c, s = pl.config, pl.config.rl
-    result = dpo_train(DPOStageConfig(
-        labels=str(pl.p("rl")), policy=pl.sl_model, out=str(pl.p("dpo")), beta=s.dpo_beta,
-        learning_rate=s.dpo_learning_rate, epochs=s.dpo_epochs, seed=c.seed, resume=True,
-        lora=s.lora))
+    c = pl.config
+    result = dpo_train(DPOStageConfig(**c.dpo.model_dump(), labels=str(pl.p("rl")),
+                                      policy=pl.sl_model, out=str(pl.p("dpo")), seed=c.seed,
+                                      resume=True))
     return {k: result.metrics.get(k) for k in ("eval_margin_before", "eval_margin")}
 
 
@@ -374,8 +362,8 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     from constitutional.evaluate.evasive import run_evasiveness
     from constitutional.evaluate.revision_curve import run_revision_curve
     from constitutional.models import SamplingParams
+    from constitutional.prompts.sources import load_prompts
     from constitutional.rl.preference import load_pm
-    from constitutional.sources import load_prompts
 
     c, e = pl.config, pl.config.eval
     out = pl.p("eval")
@@ -402,7 +390,7 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     order = {n: i for i, n in enumerate(checkpoints(pl))}
     rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],
                                                   r["prompt_id"]))
-    from constitutional.store import atomic_write_jsonl
+    from constitutional.core.io import atomic_write_jsonl
 
     atomic_write_jsonl(out / "answers.jsonl", [{k: r[k] for k in (
         "checkpoint", "prompt_id", "kind", "prompt", "answer")} for r in rows])

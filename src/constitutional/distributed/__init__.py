@@ -11,11 +11,11 @@ machine; the shard count is pinned in the run directory so a re-run resumes the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from constitutional.errors import UserError
-from constitutional.store import stable_hash
+from constitutional.core.errors import UserError
+from constitutional.core.io import stable_hash
+from constitutional.core.settings import CLI_HIDDEN, Field, Settings
 
 #: ``--executor`` values: ``local`` (this process) or ``ray`` (Ray actors, local or a cluster).
 EXECUTORS = ("local", "ray")
@@ -26,43 +26,40 @@ def shard_of(record_id: str, num_shards: int) -> int:
     return int(stable_hash("shard", record_id), 16) % num_shards
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    """How a stage runs on Ray.
+PANEL = {"panel": "Scale-out"}  # where the CLI's help lists these options
 
-    * ``address`` — a cluster (``host:6379``, ``ray://host:10001``, ``auto``); default
-      ``$RAY_ADDRESS``, else a new local Ray with ``num_actors × cpus_per_actor`` CPUs;
-    * ``num_actors`` — model replicas; default: the cluster's CPUs (or GPUs, with
-      ``gpus_per_actor``) divided by what one actor takes;
-    * ``num_shards`` — default: the count pinned in the run directory, else ``num_actors``;
-    * ``cpus_per_actor`` — also each actor's ``OMP_NUM_THREADS``, so actors do not
-      oversubscribe the cores;
-    * ``gpus_per_actor`` — default: 1 when the cluster has GPUs, else 0;
-    * ``retries`` — restarts of a dead actor and re-runs of a failed shard;
-    * ``model_options`` — passed to ``load_model`` in every actor (``device`` …).
-    """
 
-    address: str | None = None
-    num_actors: int | None = None
-    num_shards: int | None = None
-    cpus_per_actor: int = 1
-    gpus_per_actor: float | None = None
-    retries: int = 3
-    model_options: dict[str, Any] = field(default_factory=dict)
+class RayOptions(Settings):
+    """Where a generation stage runs: in this process, or on Ray actors (a local Ray, or a
+    cluster). Sharding, retries and the per-actor share are set here."""
 
-    def validate(self) -> None:
-        for name in ("num_actors", "num_shards"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"must be at least 1, got {value}", field=name)
-        if self.cpus_per_actor < 1:
-            raise UserError(f"must be at least 1, got {self.cpus_per_actor}",
-                            field="cpus_per_actor")
-        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise UserError(f"must be at least 0, got {self.gpus_per_actor}",
-                            field="gpus_per_actor")
-        if self.retries < 0:
-            raise UserError(f"must be at least 0, got {self.retries}", field="retries")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local (this process) or ray (Ray actors: a local Ray, or the "
+                             "cluster at --ray-address / $RAY_ADDRESS).",
+        json_schema_extra=PANEL)
+    address: str | None = Field(
+        None, description="Ray cluster address (host:6379, ray://host:10001, auto); default "
+                          "$RAY_ADDRESS, else a new local Ray with num_actors × cpus_per_actor "
+                          "CPUs.", json_schema_extra={**PANEL, "cli": ["--ray-address"]})
+    num_actors: int | None = Field(
+        None, ge=1, description="Ray actors, each holding one model (default: CPUs, or GPUs, / "
+                                "per-actor share).", json_schema_extra=PANEL)
+    num_shards: int | None = Field(
+        None, ge=1, description="Shards (by a stable hash of the record id); default: as pinned "
+                                "in --out, else --num-actors.", json_schema_extra=PANEL)
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs (and torch threads) per Ray actor.",
+                                json_schema_extra=PANEL)
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per Ray actor (default: 1 when the cluster has GPUs, else "
+                                "0).", json_schema_extra=PANEL)
+    retries: int = Field(3, ge=0, description="Restarts of a dead actor, and re-runs of a failed "
+                                              "shard.", json_schema_extra=PANEL)
+    model_options: dict[str, Any] = Field(default_factory=dict, json_schema_extra=CLI_HIDDEN,
+                                          description="Passed to load_model in every actor.")
+
+    @property
+    def on_ray(self) -> bool:
+        return self.executor == "ray"
 
 
 def check_executor(executor: str) -> str:

@@ -26,9 +26,9 @@ still fails is re-submitted to a fresh actor, up to ``retries`` times. A re-run 
 from its own record file when the run directory is on a filesystem the actor can see (always on
 one machine; on a cluster, put ``--out`` on shared storage to keep partial shards).
 
-Fault injection for tests: with ``CAI_RAY_FAULT=SHARD:CALLS[:TIMES]`` in the environment, the
-first ``TIMES`` (default 1) attempts of shard ``SHARD`` kill their worker process (``os._exit(1)``)
-on model call ``CALLS + 1``, after ``CALLS`` chunks are written.
+A hook for tests: ``CAI_RAY_MODEL_HOOK=/path/to/file.py:function`` (forwarded to the actors like
+every ``CAI_*`` variable) wraps each shard's model; the tests inject crashes with it
+(``tests/ray_faults.py``).
 """
 
 from __future__ import annotations
@@ -39,19 +39,19 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from constitutional.core.errors import UserError
+from constitutional.core.io import JsonlStore, RunDir, atomic_write_text
 from constitutional.distributed import RayOptions, shard_of
-from constitutional.errors import UserError
 from constitutional.models import LanguageModel, load_model, parse_spec
-from constitutional.store import JsonlStore, RunDir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
-FAULT_ENV = "CAI_RAY_FAULT"
+HOOK_ENV = "CAI_RAY_MODEL_HOOK"
 #: Environment variables the actors get from the driver when set there (never API keys).
 FORWARD_ENV_PREFIXES = ("HF_HUB_", "HF_HOME", "HF_DATASETS_", "TRANSFORMERS_", "CAI_",
                         "TOKENIZERS_")
@@ -73,7 +73,7 @@ def _ray() -> Any:
 def _run_revise(lm: LanguageModel, items: Sequence[Any], config: Any, out: Path) -> dict[str, Any]:
     from constitutional.sl.revise import STEPS_FILE, revise
 
-    result = revise(replace(config, out=str(out)), model=lm, show_progress=False, prompts=items)
+    result = revise(config.replace(out=str(out)), model=lm, show_progress=False, prompts=items)
     s = result.summary
     return {"items": s["prompts"], "computed": sum(s["steps_computed"].values()),
             "resumed": s["steps_resumed"], "summary": s,
@@ -114,47 +114,21 @@ _SHARD_RUNNERS: dict[str, Callable[[LanguageModel, Sequence[Any], Any, Path], di
 }
 
 
-class _FaultyModel(LanguageModel):
-    """Test fault injection: exits the process on model call ``calls + 1`` (see module doc)."""
+def _model_hook(lm: LanguageModel, index: int, shard_dir: Path) -> LanguageModel:
+    """The model a shard runs with: ``$CAI_RAY_MODEL_HOOK`` (``/path/to/file.py:function``)
+    may wrap it, e.g. to inject faults in tests (see ``tests/ray_faults.py``)."""
+    hook = os.environ.get(HOOK_ENV, "")
+    if not hook:
+        return lm
+    import importlib.util
 
-    def __init__(self, inner: LanguageModel, calls: int) -> None:
-        self.inner, self.calls, self.spec, self.stats = inner, calls, inner.spec, inner.stats
-
-    def __getattr__(self, name: str) -> Any:  # tokenizer, encode … of the real backend
-        return getattr(self.inner, name)
-
-    def _tick(self) -> None:
-        self.calls -= 1
-        if self.calls < 0:
-            os._exit(1)
-
-    def generate(self, prompts: Any, params: Any) -> list[str]:
-        self._tick()
-        return self.inner.generate(prompts, params)
-
-    def score(self, contexts: Any, options: Any) -> list[list[float]]:
-        self._tick()
-        return self.inner.score(contexts, options)
-
-
-def _fault_for(index: int, shard_dir: Path) -> int | None:
-    """Model calls before this attempt's injected crash, or None (see the module docstring)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return None
-    parts = spec.split(":")
-    shard, calls, times = parts[0], parts[1] if len(parts) > 1 else "0", (parts[2:] or ["1"])[0]
-    if int(shard) != index:
-        return None
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, int(times) + 1):  # one marker per crashed attempt
-        try:
-            marker = shard_dir / f"fault-injected-{attempt}"
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            continue
-        return int(calls)
-    return None
+    file, _, name = hook.rpartition(":")
+    spec = importlib.util.spec_from_file_location("cai_ray_model_hook", file)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot load {file!r}", field=HOOK_ENV)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)(lm, index, shard_dir)
 
 
 class ShardWorker:
@@ -163,7 +137,7 @@ class ShardWorker:
     def __init__(self, spec: str, model_options: dict[str, Any], threads: int) -> None:
         import torch
 
-        from constitutional.logging_setup import setup_logging
+        from constitutional.core.log import setup_logging
 
         setup_logging(quiet=True)  # warnings and errors only; no progress bars in the logs
         torch.set_num_threads(threads)
@@ -173,9 +147,7 @@ class ShardWorker:
             shard_dir: str) -> dict[str, Any]:
         out = Path(shard_dir)
         lm = self.lm
-        calls = _fault_for(index, out)
-        if calls is not None:
-            lm = _FaultyModel(lm, calls)
+        lm = _model_hook(lm, index, out)
         t0 = time.perf_counter()
         result = _SHARD_RUNNERS[stage](lm, items, config, out)
         result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -234,8 +206,6 @@ def _resolve_shards(shards_dir: Path, options: RayOptions) -> int | None:
 def _env_vars(threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k.startswith(FORWARD_ENV_PREFIXES) and "TOKEN" not in k.removeprefix("TOKENIZERS_")}
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                 "TOKENIZERS_PARALLELISM": "false"})
     return env
@@ -289,7 +259,6 @@ def run_sharded(stage: str, spec: str, config: Any, items: Sequence[Any],
     each finished shard's records into ``out/records_file``. The caller then writes the final
     outputs (see the module docstring). ``name`` names the shards' directory (default: the
     stage), for a stage that runs more than once in one directory."""
-    options.validate()
     parse_spec(spec)  # a bad model spec is one line here, not an actor failure
     t0 = time.perf_counter()
     run = RunDir(out)
@@ -338,7 +307,7 @@ def _dispatch(cluster: _Cluster, stage: str, spec: str, config: Any, shards: lis
               todo: list[int], shards_dir: Path, store: JsonlStore, options: RayOptions,
               done: ShardedRun) -> None:
     """Run the ``todo`` shards on a pool of actors, merging each as it finishes."""
-    from constitutional.rl import progress
+    from constitutional.core.progress import progress
 
     ray = cluster.ray
     resources = cluster.resources()
@@ -413,10 +382,9 @@ def _dispatch(cluster: _Cluster, stage: str, spec: str, config: Any, shards: lis
 def ray_revise(config: Any, options: RayOptions) -> Any:
     """``sl revise`` on Ray: the same outputs as :func:`~constitutional.sl.revise.revise`."""
     from constitutional.constitution import load_constitution
+    from constitutional.prompts.sources import load_prompts
     from constitutional.sl.revise import STEPS_FILE, SUMMARY_FILE, choose_few_shot, revise
-    from constitutional.sources import load_prompts
 
-    config.validate()
     constitution = load_constitution(config.constitution)
     if config.tags:
         constitution = constitution.filter(tags=config.tags)
@@ -478,7 +446,6 @@ def ray_label(pairs: Sequence[dict[str, Any]], config: Any, out: str | Path,
     """``rl label`` on Ray: the same outputs as :func:`~constitutional.rl.label.label`."""
     from constitutional.rl.label import RECORDS, STAGE, SUMMARY, label, resolve_constitution
 
-    config.validate()
     if not pairs:
         raise UserError("no pairs to label")
     constitution = resolve_constitution(config)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from constitutional.core.io import JsonlStore
 from constitutional.models import LanguageModel, SamplingParams
-from constitutional.store import JsonlStore
 
 RECORDS = "answers.records.jsonl"
 

@@ -125,7 +125,7 @@ def evasiveness(answers: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str,
     """The refusal rate of each checkpoint: ``{checkpoint: {"rate", "refusals", "n", "ci_low",
     "ci_high"}}`` over its answers ``{prompt_id: answer}`` (a 95% Wilson interval; ``rate`` is
     None when a checkpoint has no answers)."""
-    from constitutional.evaluate.mc import wilson_interval
+    from constitutional.evaluate.stats import wilson_interval
 
     result: dict[str, dict[str, Any]] = {}
     for checkpoint, by_prompt in answers.items():
@@ -143,9 +143,9 @@ def run_evasiveness(answers_path: str, out: str | None = None, *,
     when given. Returns ``{"kind", "detector", "answers", "checkpoints": evasiveness(…)}``."""
     import json
 
-    from constitutional.errors import UserError
+    from constitutional.core.errors import UserError
+    from constitutional.core.io import atomic_write_text
     from constitutional.evaluate.elo import load_answers
-    from constitutional.store import atomic_write_text
 
     answers = load_answers(answers_path)
     table = answers.table(kind)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -42,13 +41,14 @@ from typing import Any
 
 from rich.progress import Progress
 
-from constitutional._files import read_utf8
-from constitutional.errors import UserError
-from constitutional.logging_setup import err_console
-from constitutional.models import LanguageModel, load_model
+from constitutional.core.errors import UserError
+from constitutional.core.io import atomic_write_jsonl, atomic_write_text, jsonl_objects, stable_hash
+from constitutional.core.log import err_console
+from constitutional.core.messages import parse_hh_transcript
+from constitutional.core.settings import CLI_HIDDEN, Field, Settings
+from constitutional.evaluate.stats import wilson_interval
+from constitutional.models import BUILTIN_MODEL, LanguageModel, load_model
 from constitutional.models.base import Prompt
-from constitutional.sources import parse_hh_transcript
-from constitutional.store import atomic_write_jsonl, atomic_write_text, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,22 @@ class MCRow:
         return stable_hash(self.prompt, self.corrects, self.incorrects)
 
 
-@dataclass(frozen=True)
-class MCConfig:
-    model: str
-    chat: bool = False
-    debias: bool = False
-    limit: int | None = None
-    answer_prefix: str = ANSWER_PREFIX
-    chunk_size: int = 64  # rows sent to score() together
+class MCConfig(Settings):
+    """How ``eval mc`` asks the model."""
+
+    positional = ("model",)
+
+    model: str = Field(BUILTIN_MODEL, description="Model spec.",
+                       json_schema_extra={"cli": ["--model", "-m"]})
+    chat: bool = Field(False, description="Use the model's chat template.",
+                       json_schema_extra={"cli": ["--chat"]})
+    debias: bool = Field(False, description="Also score with the option letters swapped and "
+                                            "average.", json_schema_extra={"cli": ["--debias"]})
+    limit: int | None = Field(None, ge=1, description="Only the first N rows.")
+    answer_prefix: str = Field(ANSWER_PREFIX, description="The text after the question, before "
+                                                          "the options' letters.",
+                               json_schema_extra=CLI_HIDDEN)
+    chunk_size: int = Field(64, ge=1, description="Rows sent to score() together.")
 
 
 @dataclass
@@ -131,16 +139,7 @@ class Skipped:
             "(row skipped)"
 
 
-def _parse_row(line: str, number: int, where: dict[str, Any]) -> MCRow:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", **where) from None
-    if not isinstance(data, dict):
-        raise UserError("expected a JSON object per line", **where)
-    for key in ("prompt", "corrects", "incorrects"):
-        if key not in data:
-            raise UserError("missing", **where, field=key)
+def _parse_row(data: dict[str, Any], number: int, where: dict[str, Any]) -> MCRow:
     if not isinstance(data["prompt"], str) or not data["prompt"].strip():
         raise UserError("expected a non-empty string", **where, field="prompt")
     return MCRow(number, data["prompt"], _options(data["corrects"], "corrects", where),
@@ -157,24 +156,22 @@ def load_mc_rows(path: str | Path, limit: int | None = None,
     path = Path(path).expanduser()
     if limit is not None and limit < 1:
         raise UserError(f"must be at least 1, got {limit}", field="limit")
-    text = read_utf8(path)
     rows: list[MCRow] = []
-    skipped: list[Skipped] = []
-    first_error: UserError | None = None
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    errors: list[UserError] = []  # every unusable row, in line order
+    for number, data in jsonl_objects(path, required=("prompt", "corrects", "incorrects"),
+                                      skipped=errors):
         try:
-            rows.append(_parse_row(line, number, {"file": path, "line": number}))
+            rows.append(_parse_row(data, number, {"file": path, "line": number}))
         except UserError as err:
-            first_error = first_error or err
-            skipped.append(Skipped(number, err.field, err.message))
+            errors.append(err)
         if limit is not None and len(rows) >= limit:
             break
+    skipped = [Skipped(err.line or 0, err.field, err.message) for err in errors]
     if not rows:
-        if first_error is not None:
-            raise UserError(f"{first_error.message} (no usable row: {len(skipped)} skipped)",
-                            file=path, line=first_error.line, field=first_error.field)
+        if errors:
+            first = errors[0]
+            raise UserError(f"{first.message} (no usable row: {len(skipped)} skipped)",
+                            file=path, line=first.line, field=first.field)
         raise UserError("no rows", file=path, line=1)
     for s in skipped:
         log.warning("%s", s.warning(path))
@@ -279,17 +276,6 @@ def swapped_row(row: MCRow, answer_prefix: str = ANSWER_PREFIX) -> tuple[MCRow, 
 # scoring
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval for ``k`` successes out of ``n`` (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def is_correct(logprobs_corrects: Sequence[float], logprobs_incorrects: Sequence[float]) -> bool:
     return max(logprobs_corrects) > max(logprobs_incorrects)
 
@@ -360,7 +346,7 @@ def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
     return MCResult(accuracy=correct / len(results), correct=correct, n=len(results),
                     ci95=wilson_interval(correct, len(results)), rows=results,
                     seconds=time.perf_counter() - t0, stats=stats,
-                    config={**asdict(config)})
+                    config=config.model_dump())
 
 
 def run_mc(data: str | Path, config: MCConfig, out: str | Path, *,

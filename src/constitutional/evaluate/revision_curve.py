@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from constitutional.errors import UserError
-from constitutional.models.base import ROLES
-from constitutional.rl import chunks, progress
-from constitutional.store import atomic_write_text
+from constitutional.core.errors import UserError
+from constitutional.core.io import atomic_write_text, jsonl_objects
+from constitutional.core.messages import coerce_messages
+from constitutional.core.progress import chunks, progress
 
 TRACES_FILE = "revise.traces.jsonl"
 
@@ -31,20 +31,13 @@ TRACES_FILE = "revise.traces.jsonl"
 def load_traces(path: str | Path) -> list[dict[str, Any]]:
     """Read ``revise.traces.jsonl`` (a run directory or the file); bad rows are one-line errors
     naming the line and field."""
-    from constitutional._files import jsonl_objects
-
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / TRACES_FILE
     traces = []
     for number, row in jsonl_objects(path, required=("prompt", "initial", "rounds")):
         where: dict[str, Any] = {"file": path, "line": number}
-        prompt = row["prompt"]
-        if not isinstance(prompt, list) or not prompt or not all(
-                isinstance(m, dict) and m.get("role") in ROLES
-                and isinstance(m.get("content"), str) for m in prompt):
-            raise UserError("expected a list of {role, content} messages", **where,
-                            field="prompt")
+        coerce_messages(row["prompt"], **where, field="prompt", text=False)  # checks it
         if not isinstance(row["initial"], str):
             raise UserError("expected text", **where, field="initial")
         if not isinstance(row["rounds"], list):

@@ -17,18 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from constitutional.errors import UserError
-from constitutional.models.base import (
-    Conversation,
-    LanguageModel,
-    Message,
-    ModelStats,
-    Prompt,
-    SamplingParams,
-)
+from constitutional.core.errors import UserError
+from constitutional.core.messages import Conversation, Message
+from constitutional.models.base import LanguageModel, ModelStats, Prompt, SamplingParams
+
+# The default model of every command and of `cai run`: the offline built-in SmolLM2-135M-Instruct.
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
 __all__ = [
     "BACKENDS",
+    "BUILTIN_MODEL",
     "Conversation",
     "LanguageModel",
     "Message",

@@ -22,13 +22,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias
 
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
+from constitutional.core.messages import ROLES, Conversation, is_message
 
-Message: TypeAlias = dict[str, str]
-Conversation: TypeAlias = list[Message]
 Prompt: TypeAlias = str | Conversation
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -140,9 +137,7 @@ def validate_prompts(prompts: Sequence[Prompt]) -> None:
         if not isinstance(p, list) or not p:
             raise UserError(f"prompt {i}: expected a string or a non-empty list of messages")
         for j, m in enumerate(p):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
-                m.get("content"), str
-            ):
+            if not is_message(m):
                 raise UserError(
                     f"prompt {i}, message {j}: expected {{'role': one of {ROLES}, 'content': str}}"
                 )

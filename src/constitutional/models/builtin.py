@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from constitutional.errors import UserError
-from constitutional.paths import cai_home
+from constitutional.core.errors import UserError
+from constitutional.core.paths import cai_home
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@
   result equals the unshared computation.
   The prefix shared by all of a call's prompts is computed before batching, so every batch,
   one-row batches included, reuses it.
-* **On CPU, generation runs through our engine** (:mod:`constitutional.models.cascade`, option
+* **On CPU, generation runs through our engine** (:mod:`constitutional.models.engines.cascade`, option
   ``engine``; ``auto`` picks it on CPU for Llama-type models): cascade attention reads the
   shared prefix's keys once per step for all rows, rows sit ragged in their own buffers, and
   each finished row's keys and values are kept (``kv_reuse_gib``, 2 GiB) so that a next call
@@ -48,8 +48,7 @@ from typing import Any
 
 import torch
 
-from constitutional.errors import UserError
-from constitutional.models import cascade, guard
+from constitutional.core.errors import UserError
 from constitutional.models.base import (
     LanguageModel,
     ModelStats,
@@ -60,6 +59,7 @@ from constitutional.models.base import (
     truncate_at_stop,
     validate_prompts,
 )
+from constitutional.models.engines import cascade, guard
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,18 @@ class HFModel(LanguageModel):
             1024 if self.device.type == "cpu" else self.max_batch_tokens)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # generation engine: the cascade engine (models.cascade) on CPU for the models it
-        # supports, else ``model.generate`` into a preallocated cache
+        self._choose_engine(engine)
+        self.kv_store = cascade.KVStore(int(kv_reuse_gib * 2**30))
+        self._prefix: cascade.Prefix | None = None
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id: int = self.tokenizer.pad_token_id
+
+    def _choose_engine(self, engine: str) -> None:
+        """The generation engine: the cascade engine (models.engines.cascade) on CPU for the
+        models it supports, else ``model.generate`` into a preallocated cache."""
         if engine not in ("auto", "cascade", "generate"):
             raise UserError(f"unknown engine {engine!r}; choose auto, cascade or generate",
                             field="engine")
@@ -255,7 +265,7 @@ class HFModel(LanguageModel):
             raise UserError(f"the cascade engine does not support model type "
                             f"{self.model.config.model_type!r}", field="engine")
         # private internals (the engine, oneDNN linears, StaticCache surgery) only on tested
-        # versions, and the engine only after its self-check (see models.guard)
+        # versions, and the engine only after its self-check (see models.engines.guard)
         self.internals, why = guard.internals_allowed()
         self._onednn = (cascade.OneDNNWeights()
                         if self.internals and cascade.OneDNNWeights.usable(self.model) else None)
@@ -271,13 +281,6 @@ class HFModel(LanguageModel):
             else:
                 self.internals, self._onednn = False, None
                 guard.warn_once(f"its self-check failed on {guard.versions_text()} ({failed})")
-        self.kv_store = cascade.KVStore(int(kv_reuse_gib * 2**30))
-        self._prefix: cascade.Prefix | None = None
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.pad_id: int = self.tokenizer.pad_token_id
 
     def _kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token of one row: layers × (keys + values) × KV heads × head dim."""

@@ -39,7 +39,7 @@ from typing import Any
 
 import openai
 
-from constitutional.errors import UserError
+from constitutional.core.errors import UserError
 from constitutional.models.base import (
     LanguageModel,
     ModelStats,

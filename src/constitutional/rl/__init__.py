@@ -3,38 +3,7 @@
 * :mod:`.sample` — ``cai rl sample``: two answers per prompt → the pairs dataset;
 * :mod:`.label` — ``cai rl label``: soft (A)/(B) preference labels read from log-probabilities,
   principle ensembles, both orders, chain of thought with clamping;
+* :mod:`.feedback` — the feedback model's P(A) for one question (used by ``label`` and by the Elo
+  judge of :mod:`constitutional.evaluate.elo`);
 * :mod:`.prompts` — every feedback prompt text.
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TypeVar
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from constitutional.logging_setup import err_console
-
-T = TypeVar("T")
-
-
-@contextmanager
-def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient rich progress bar on stderr (silent when stderr is not a terminal).
-
-    Yields ``advance(n)``.
-    """
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True,
-        disable=not err_console.is_terminal,
-    )
-    with bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

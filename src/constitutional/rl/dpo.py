@@ -22,55 +22,61 @@ output is a plain model directory.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from constitutional.errors import UserError
-from constitutional.store import atomic_write_text, stable_hash
+from pydantic import field_validator
+
+from constitutional.core.errors import UserError
+from constitutional.core.io import stable_hash
+from constitutional.core.settings import Field
+from constitutional.models import BUILTIN_MODEL
+from constitutional.train import BatchSize, LoraTrainSettings, TrainRun
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DPOStageConfig:
-    labels: str  # a `cai rl label` run directory, or a prompt/chosen/rejected(/score) JSONL
-    policy: str  # the SL-CAI model (spec or directory)
-    out: str
-    beta: float = 0.1
-    label_smoothing: float | str = "auto"
-    min_confidence: float = 0.55
-    epochs: float = 1.0
-    learning_rate: float | None = None  # default 5e-7 full, 5e-5 LoRA
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 1024
-    eval_fraction: float = 0.1
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    save_steps: int = 50
-    logging_steps: int = 5
-    seed: int = 0
-    resume: bool = False
+class DPOSettings(LoraTrainSettings):
+    """``dpo:``: offline DPO on the AI-labelled pairs (see the module docstring)."""
 
-    def validate(self) -> None:
-        if self.beta <= 0:
-            raise UserError("must be positive", field="beta")
-        if not 0.5 <= self.min_confidence < 1:
-            raise UserError("must be in [0.5, 1)", field="min_confidence")
-        if self.label_smoothing != "auto" and not (
-                isinstance(self.label_smoothing, int | float) and 0 <= self.label_smoothing < 0.5):
-            raise UserError("must be 'auto' or a number in [0, 0.5)", field="label_smoothing")
-        if not 0 <= self.eval_fraction < 1:
-            raise UserError("must be in [0, 1)", field="eval_fraction")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise UserError("must be at least 1", field=name)
+    beta: float = Field(0.1, gt=0, description="β: how strongly the policy is held to the "
+                                                "reference (DPO's implicit KL penalty).")
+    label_smoothing: float | Literal["auto"] = Field(
+        "auto", description="'auto' (1 − the mean label of the kept pairs) or a number in "
+                            "[0, 0.5); 0 is plain DPO on hard labels.",
+        json_schema_extra={"cli_type": str})
+    min_confidence: float = Field(0.55, ge=0.5, lt=1, description="Drop pairs labelled below "
+                                                                  "this.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (default "
+                                                                "5e-7, or 5e-5 with LoRA).")
+    batch_size: BatchSize = 4
+
+    @field_validator("label_smoothing", mode="before")
+    @classmethod
+    def _auto_or_number(cls, value: Any) -> Any:
+        number = value
+        if isinstance(value, str) and value != "auto":
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if value != "auto" and (isinstance(number, bool) or not isinstance(number, int | float)
+                                or not 0 <= number < 0.5):
+            raise ValueError(f"must be 'auto' or a number in [0, 0.5), got {value!r}")
+        return value if value == "auto" else float(number)
+
+
+class DPOStageConfig(TrainRun, DPOSettings):
+    """Settings of ``cai rl dpo``: the tunable ones, and the run's inputs and output."""
+
+    labels: str = Field(description="A `cai rl label` run directory, or a JSONL of "
+                                    "prompt/chosen/rejected rows (+ score = P(chosen)).")
+    policy: str = Field(BUILTIN_MODEL, description="The SL-CAI policy (directory or spec).")
+    out: str = Field(description="Run directory (the trained policy and its checkpoints).",
+                     json_schema_extra={"cli": ["--out"]})
 
 
 @dataclass
@@ -99,81 +105,41 @@ def dpo_rows(config: DPOStageConfig) -> tuple[list[dict[str, Any]], float]:
 
 
 def dpo_train(config: DPOStageConfig) -> DPOResult:
-    import torch
+    """DPO of ``config.policy`` on the kept pairs; save the policy to ``config.out``."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from constitutional.sources import split_of
-    from constitutional.training import LogCallback, eval_before, trainable_model_path, trainer_args
+    from constitutional.prompts.sources import split_of
+    from constitutional.train import TrainJob, causal_lm, process_state, run_trainer, write_report
 
-    config.validate()
     t0 = time.perf_counter()
     rows, smoothing = dpo_rows(config)
     train = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "train"]
     held = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "test"]
     if not train:
         raise UserError("no training pairs after the held-out split", field="eval_fraction")
-    path = trainable_model_path(config.policy)
     out = Path(config.out)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
 
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-    keep = ("prompt", "chosen", "rejected")
-    train_ds = Dataset.from_list([{k: r[k] for k in keep} for r in train])
-    eval_ds = Dataset.from_list([{k: r[k] for k in keep} for r in held]) if held else None
-    checkpoints = out / "checkpoints"
-    args = DPOConfig(
-        beta=config.beta, label_smoothing=smoothing, max_length=config.max_length,
-        **trainer_args(output_dir=str(checkpoints), epochs=config.epochs,
-                       learning_rate=config.learning_rate or (5e-5 if config.lora else 5e-7),
-                       batch_size=config.batch_size, grad_accum=config.grad_accum,
-                       logging_steps=config.logging_steps, save_steps=config.save_steps,
-                       seed=config.seed, evaluate="epoch" if eval_ds is not None else "no"))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config)
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LogCallback())
-    metrics: dict[str, Any] = {"label_smoothing": smoothing, "pairs": len(rows),
-                               "train_pairs": len(train), "eval_pairs": len(held)}
-    resume = config.resume and any(checkpoints.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    if eval_ds is not None:
-        before = eval_before(trainer)
-        metrics["eval_margin_before"] = before.get("eval_rewards/margins")
-        metrics["eval_accuracy_before"] = before.get("eval_rewards/accuracies")
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = result.global_step
-    metrics["train_log"] = [
-        {k: v for k, v in e.items() if k in ("step", "loss", "rewards/margins",
-                                             "rewards/accuracies", "eval_loss",
-                                             "eval_rewards/margins")}
-        for e in trainer.state.log_history if "loss" in e or "eval_loss" in e]
-    if eval_ds is not None:
-        after = trainer.evaluate()
-        metrics["eval_margin"] = after.get("eval_rewards/margins")
-        metrics["eval_accuracy"] = after.get("eval_rewards/accuracies")
-    final = trainer.model
-    if trainer.accelerator.is_main_process:
-        if config.lora:
-            final.save_pretrained(out / "adapter")
-            final = final.merge_and_unload()
-        final.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-    for k, v in list(metrics.items()):
-        if isinstance(v, float) and math.isfinite(v):
-            metrics[k] = round(v, 4)
-    metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.accelerator.is_main_process:
-        atomic_write_text(out / "dpo.json", json.dumps(
-            {"config": asdict(config), "metrics": metrics}, indent=2, default=str) + "\n")
+    def datasets(tokenizer: Any) -> tuple[Any, Any]:
+        keep = ("prompt", "chosen", "rejected")
+        return (Dataset.from_list([{k: r[k] for k in keep} for r in train]),
+                Dataset.from_list([{k: r[k] for k in keep} for r in held]) if held else None)
+
+    trained = run_trainer(config, TrainJob(
+        model=config.policy, out=out, trainer_class=DPOTrainer, args_class=DPOConfig,
+        args={"beta": config.beta, "label_smoothing": smoothing,
+              "max_length": config.max_length},
+        learning_rate=config.learning_rate or (5e-5 if config.lora else 5e-7),
+        datasets=datasets, load_model=causal_lm, evaluate="epoch" if held else "no",
+        before={"eval_margin_before": "eval_rewards/margins",
+                "eval_accuracy_before": "eval_rewards/accuracies"},
+        after={"eval_margin": "eval_rewards/margins",
+               "eval_accuracy": "eval_rewards/accuracies"},
+        log_keys=("step", "loss", "rewards/margins", "rewards/accuracies", "eval_loss",
+                  "eval_rewards/margins")))
+    metrics = {"label_smoothing": round(smoothing, 4), "pairs": len(rows),
+               "train_pairs": len(train), "eval_pairs": len(held), **trained,
+               "wall_seconds": round(time.perf_counter() - t0, 2)}
+    if process_state().is_main_process:
+        write_report(out / "dpo.json", config, metrics)
     return DPOResult(out, metrics)

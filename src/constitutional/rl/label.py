@@ -1,7 +1,8 @@
 """``cai rl label``: soft AI preference labels, as in the paper.
 
 For each pair and each of ``K`` principles sampled for it (the paper's ensembling), and for each
-order of the two responses (``both_orders``), the feedback model sees the question built by
+order of the two responses (``both_orders``), the feedback model is asked (through
+:mod:`constitutional.rl.feedback`, which the Elo judge uses too) the question built by
 :mod:`constitutional.rl.prompts` — few-shot demonstrations first, then the conversation, the
 principle, options (A) and (B) and the answer prefix ``The answer is: (`` — and we read the
 log-probabilities ``a`` and ``b`` of the next tokens ``A`` and ``B``. Both are single tokens, so
@@ -50,27 +51,36 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from constitutional._files import jsonl_objects
+from pydantic import field_validator
+
 from constitutional.constitution import Constitution, load_constitution
-from constitutional.errors import UserError
-from constitutional.models import LanguageModel, SamplingParams, load_model
-from constitutional.models.base import ROLES, Prompt
-from constitutional.rl import chunks, progress
-from constitutional.rl import prompts as P
-from constitutional.store import (
+from constitutional.core.errors import UserError
+from constitutional.core.io import (
     JsonlStore,
     RunDir,
     atomic_write_jsonl,
     atomic_write_text,
+    jsonl_objects,
     stable_hash,
+)
+from constitutional.core.messages import coerce_messages
+from constitutional.core.progress import chunks, progress
+from constitutional.core.settings import Field, Settings
+from constitutional.models import BUILTIN_MODEL, LanguageModel, load_model
+from constitutional.rl.feedback import (
+    ORDERS,
+    ChainOfThought,
+    FeedbackScorer,
+    Question,
+    ensemble,
+    few_shot_block,
+    pair_principles,
 )
 
 log = logging.getLogger(__name__)
@@ -81,30 +91,58 @@ LABELS = "labels.jsonl"
 PREFERENCES = "preferences.jsonl"
 SUMMARY = "label.summary.json"
 PAIRS = "pairs.jsonl"
-ORDERS = ("ab", "ba")
 DEFAULT_COT_CLAMP = (0.4, 0.6)
 
 Clamp = tuple[float, float] | None
 
 
-@dataclass(frozen=True)
-class LabelConfig:
-    """Settings of ``rl label``; see the module docstring for what each does."""
+def parse_clamp(value: Any) -> Any:
+    """A clamp as given on the command line or in YAML: "auto" (0.4–0.6 with chain of thought,
+    none without), "none"/None (no clamping), or two numbers LO HI ("0.4 0.6", "0.4,0.6" or a
+    list)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() == "none":
+            return None
+        value = value.replace(",", " ").split()
+        try:
+            value = [float(v) for v in value]
+        except ValueError:
+            raise ValueError(f"expected --clamp LO HI or --clamp none, got "
+                             f"{' '.join(value)!r}") from None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f"expected --clamp LO HI or --clamp none, got {value!r}")
+    lo, hi = (float(v) for v in value)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}")
+    return [lo, hi]
 
-    feedback_model: str
-    constitution: str = "default"
-    principles: int = 1  # K, the ensemble size
-    few_shot: int = 4  # demonstrations before each question
-    both_orders: bool = True
-    cot: bool = False
-    # "auto": [0.4, 0.6] with cot, none without; or (lo, hi); or None for no clamping
-    clamp: Clamp | Literal["auto"] = "auto"
-    prompt_format: str = "auto"  # auto (chat if the model has a chat template), chat, raw
-    tags: str | None = None  # keep only feedback principles with any of these tags
-    seed: int = 0
-    chunk_size: int = 16  # pairs scored (and written) together
-    cot_max_new_tokens: int = 192
-    cot_temperature: float = 0.0
+
+class LabelSettings(Settings):
+    """How ``rl label`` asks the feedback model (``label:`` in a run config)."""
+
+    principles: int = Field(1, ge=1, description="K: average P(A) over K sampled principles.",
+                            json_schema_extra={"cli": ["--principles", "-k"]})
+    few_shot: int = Field(4, ge=0, description="Feedback demonstrations before each question.")
+    both_orders: bool = Field(True, description="Also score the swapped order and average.",
+                              json_schema_extra={"cli": ["--both-orders/--one-order"]})
+    cot: bool = Field(False, description="Reason step by step before answering.")
+    clamp: list[float] | Literal["auto"] | None = Field(
+        "auto", description="Clamp each probability: `--clamp LO HI` or `--clamp none` "
+                            "(default: 0.4 0.6 with --cot, none without).",
+        json_schema_extra={"cli_type": str, "show_default": False})
+    prompt_format: Literal["auto", "chat", "raw"] = Field(
+        "auto", description="auto, chat (chat template) or raw (pretrained models).",
+        json_schema_extra={"cli": ["--format"]})
+    tags: str | None = Field(None, description="Only principles with any of these "
+                                               "comma-separated tags.")
+    chunk_size: int = Field(16, ge=1, description="Pairs scored and saved together.")
+    cot_max_new_tokens: int = Field(192, ge=1, description="Reasoning tokens at most.")
+    cot_temperature: float = Field(0.0, ge=0, description="Reasoning sampling temperature.")
+
+    _parse_clamp = field_validator("clamp", mode="before")(classmethod(
+        lambda cls, v: parse_clamp(v)))
 
     def resolved_clamp(self) -> Clamp:
         if self.clamp == "auto":
@@ -114,29 +152,21 @@ class LabelConfig:
         lo, hi = self.clamp
         return (float(lo), float(hi))
 
-    def validate(self) -> None:
-        def bad(name: str, want: str) -> UserError:
-            return UserError(f"must be {want}, got {getattr(self, name)!r}", field=name)
 
-        if self.principles < 1:
-            raise bad("principles", "at least 1")
-        if self.few_shot < 0:
-            raise bad("few_shot", "at least 0")
-        if self.chunk_size < 1:
-            raise bad("chunk_size", "at least 1")
-        if self.prompt_format not in ("auto", *P.MODES):
-            raise bad("prompt_format", "auto, chat or raw")
-        clamp = self.resolved_clamp()
-        if clamp is not None:
-            lo, hi = clamp
-            if not (0.0 <= lo <= hi <= 1.0):
-                raise UserError(f"must satisfy 0 <= LO <= HI <= 1, got {lo} {hi}", field="clamp")
-        if self.cot:
-            SamplingParams(temperature=self.cot_temperature, max_new_tokens=self.cot_max_new_tokens)
+class LabelConfig(LabelSettings):
+    """Settings of ``rl label``; see the module docstring for what each does."""
+
+    positional = ("feedback_model",)
+
+    feedback_model: str = Field(BUILTIN_MODEL, description="The feedback model's spec (may "
+                                                           "differ from the policy).")
+    constitution: str = Field("default", description="A built-in name, a YAML file, or the "
+                                                     "paper's files.")
+    seed: int = Field(0, description="Seed for principle and demonstration sampling.")
 
     def pinned(self, constitution: Constitution) -> dict[str, Any]:
         """What a run directory is pinned to (chunk_size only changes the schedule)."""
-        d = asdict(self)
+        d = self.model_dump()
         d.pop("chunk_size")
         # as given ("auto" follows cot), so that turning --cot on reports cot as the change
         d["clamp"] = self.clamp if self.clamp in ("auto", None) else list(self.clamp)
@@ -157,21 +187,7 @@ class LabelResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# the maths (pure functions)
-
-
-def option_probability(logprob_a: float, logprob_b: float) -> float:
-    """P(A) = exp(a) / (exp(a) + exp(b)), computed stably (0.5 when both are -inf)."""
-    if logprob_a == logprob_b:
-        return 0.5
-    m = max(logprob_a, logprob_b)
-    ea, eb = math.exp(logprob_a - m), math.exp(logprob_b - m)
-    return ea / (ea + eb)
-
-
-def prob_response_a(p_first: float, order: str) -> float:
-    """The probability that response_a is preferred, from P(option A) in ``order``."""
-    return p_first if order == "ab" else 1.0 - p_first
+# the maths (pure functions; P(A) and the mean are in constitutional.rl.feedback)
 
 
 def clamp(p: float, bounds: Clamp) -> float:
@@ -181,13 +197,6 @@ def clamp(p: float, bounds: Clamp) -> float:
     return min(max(p, lo), hi)
 
 
-def ensemble(probabilities: Sequence[float]) -> float:
-    """The soft label: the mean of the per-principle, per-order probabilities."""
-    if not probabilities:
-        raise ValueError("nothing to average")
-    return sum(probabilities) / len(probabilities)
-
-
 def is_position_biased(p_first_ab: float, p_first_ba: float) -> bool:
     """True when the same position wins in both orders (see the module docstring)."""
     return (p_first_ab - 0.5) * (p_first_ba - 0.5) > 0
@@ -195,22 +204,6 @@ def is_position_biased(p_first_ab: float, p_first_ba: float) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-
-
-def _messages(value: Any, where: dict[str, Any]) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        if not value.strip():
-            raise UserError("is empty", **where, field="prompt")
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise UserError("expected a string or a list of {role, content} messages", **where,
-                        field="prompt")
-    for m in value:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
-                m.get("content"), str):
-            raise UserError("each message needs a role (system/user/assistant) and content",
-                            **where, field="prompt")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def load_pairs(spec: str | Path) -> list[dict[str, Any]]:
@@ -228,74 +221,13 @@ def load_pairs(spec: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row[key], str):
                 raise UserError(f"expected text, got {type(row[key]).__name__}", **where,
                                 field=key)
-        messages = _messages(row["prompt"], where)
+        messages = coerce_messages(row["prompt"], **where, field="prompt")
         pid = str(row.get("id") or stable_hash(messages, row["response_a"], row["response_b"]))
         pairs.setdefault(pid, {"id": pid, "prompt": messages, "response_a": row["response_a"],
                                "response_b": row["response_b"]})
     if not pairs:
         raise UserError("no pairs (the file has no rows)", file=path, line=1)
     return list(pairs.values())
-
-
-# ------------------------------------------------------------------------------------------------
-# prompts for one ensemble member
-
-
-def special_tokens(lm: LanguageModel) -> list[str]:
-    """The model's special-token strings, to be quoted inside untrusted text."""
-    tok = getattr(lm, "tokenizer", None)
-    if tok is None:
-        return []
-    found = set(getattr(tok, "all_special_tokens", []) or [])
-    found |= {str(t) for t in (getattr(tok, "added_tokens_decoder", {}) or {}).values()}
-    return sorted(t for t in found if len(t) > 1)
-
-
-def resolve_format(lm: LanguageModel, prompt_format: str) -> str:
-    if prompt_format != "auto":
-        return prompt_format
-    tok = getattr(lm, "tokenizer", None)
-    return "chat" if tok is None or getattr(tok, "chat_template", None) else "raw"
-
-
-def few_shot_block(constitution: Constitution, n: int, k: int, seed: int,
-                   cot: bool) -> tuple[list[P.Shot], list[str]]:
-    """Member ``k``'s demonstrations: ``n`` drawn (seeded) from the constitution, each with its
-    own sampled principle. The same for every pair, so their prefix can be shared."""
-    if n == 0:
-        return [], []
-    examples = constitution.cot_examples if cot else constitution.feedback_examples
-    if n > len(examples):
-        what = "chain-of-thought" if cot else "feedback"
-        raise UserError(f"asked for {n} demonstrations but constitution {constitution.name!r} "
-                        f"has {len(examples)} {what} demonstrations", field="few_shot")
-    rng = random.Random(stable_hash("few-shot", seed, k, cot))
-    chosen = rng.sample(examples, n)
-    shots, ids = [], []
-    for example in chosen:
-        principle = constitution.sample_feedback(rng, 1)[0]
-        reasoning = getattr(example, "reasoning", None) if cot else None
-        shots.append(P.shot(example.messages, principle.text, example.options[:2],
-                            example.answer, reasoning))
-        ids.append(f"{example.id}:{principle.id}")
-    return shots, ids
-
-
-def pair_principles(constitution: Constitution, messages: list[dict[str, str]], k: int,
-                    seed: int) -> list[Any]:
-    """The ``k`` principles of a pair, seeded by its conversation (so its swap gets the same)."""
-    rng = random.Random(stable_hash("principles", seed, messages))
-    return constitution.sample_feedback(rng, k)
-
-
-@dataclass
-class _Row:
-    pair: int  # index in the chunk
-    k: int
-    order: str
-    question: str
-    cot: str | None = None
-    logprobs: tuple[float, float] = (0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +259,6 @@ def label(
     constitution: Constitution | None = None,
 ) -> LabelResult:
     """Label every pair with a soft preference p_a and write the outputs to ``out``; resumable."""
-    config.validate()
     if not pairs:
         raise UserError("no pairs to label")
     constitution = resolve_constitution(config, constitution)
@@ -372,59 +303,41 @@ def label(
 
 
 class _Labeller:
-    """Builds the questions of a chunk, runs the model, assembles the records."""
+    """Builds the questions of a chunk, asks the feedback model, assembles the records."""
 
     def __init__(self, lm: LanguageModel, constitution: Constitution, config: LabelConfig):
-        self.lm, self.constitution, self.config = lm, constitution, config
-        self.mode = resolve_format(lm, config.prompt_format)
-        self.special = special_tokens(lm)
+        self.constitution, self.config = constitution, config
+        self.scorer = FeedbackScorer(lm, config.prompt_format)
+        self.mode = self.scorer.mode
         self.clamp = config.resolved_clamp()
         self.shots = [few_shot_block(constitution, config.few_shot, k, config.seed, config.cot)
                       for k in range(config.principles)]
         self.orders = ORDERS if config.both_orders else ORDERS[:1]
+        self.cot = (ChainOfThought(config.cot_max_new_tokens, config.cot_temperature, config.seed)
+                    if config.cot else None)
 
     def label_chunk(self, chunk: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         cfg = self.config
         principles = [pair_principles(self.constitution, pair["prompt"], cfg.principles, cfg.seed)
                       for _, pair in chunk]
-        rows: list[_Row] = []
+        rows: list[Question] = []
         for k in range(cfg.principles):
             # one score call per member: every row in it starts with the same few-shot block
             member = []
             for i, (_, pair) in enumerate(chunk):
-                for order in self.orders:
-                    a, b = pair["response_a"], pair["response_b"]
-                    options = (a, b) if order == "ab" else (b, a)
-                    q = P.question(pair["prompt"], principles[i][k].text, options, self.special)
-                    member.append(_Row(i, k, order, q))
-            self._score(member, self.shots[k][0])
+                member += self.scorer.questions(i, k, pair["prompt"], principles[i][k].text,
+                                                pair["response_a"], pair["response_b"],
+                                                self.orders)
+            self.scorer.score(member, self.shots[k][0], cot=self.cot)
             rows += member
-        return [self._record(rid, pair, principles[i], [r for r in rows if r.pair == i])
+        return [self._record(rid, pair, principles[i], [r for r in rows if r.item == i])
                 for i, (rid, pair) in enumerate(chunk)]
 
-    def _score(self, rows: list[_Row], shots: list[P.Shot]) -> None:
-        contexts: list[Prompt]
-        if self.config.cot:
-            params = SamplingParams(temperature=self.config.cot_temperature,
-                                    max_new_tokens=self.config.cot_max_new_tokens,
-                                    stop=P.COT_STOP, seed=self.config.seed)
-            reasoning = self.lm.generate([P.cot_prompt(shots, r.question, self.mode)
-                                          for r in rows], params)
-            for r, text in zip(rows, reasoning, strict=True):
-                r.cot = P.clean_reasoning(text, self.special)
-            contexts = [P.cot_answer_prompt(shots, r.question, r.cot or "", self.mode)
-                        for r in rows]
-        else:
-            contexts = [P.answer_prompt(shots, r.question, self.mode) for r in rows]
-        for r, (a, b) in zip(rows, self.lm.score(contexts, list(P.LETTERS)), strict=True):
-            r.logprobs = (a, b)
-
     def _record(self, rid: str, pair: dict[str, Any], principles: list[Any],
-                rows: list[_Row]) -> dict[str, Any]:
+                rows: list[Question]) -> dict[str, Any]:
         judgements = []
         for r in rows:
-            p_first = option_probability(*r.logprobs)
-            p_resp = prob_response_a(p_first, r.order)
+            p_first, p_resp = r.p_first, r.p_response_a
             judgements.append({
                 "principle": principles[r.k].id, "k": r.k, "order": r.order,
                 "logprob_A": r.logprobs[0], "logprob_B": r.logprobs[1], "p_A": p_first,

@@ -1,4 +1,5 @@
-"""``cai rl pm`` and ``cai eval pm``: the preference model (PM), trained on soft AI labels.
+"""``cai rl pm``: the preference model (PM), trained on soft AI labels (``cai eval pm``, its
+accuracy on held-out comparisons, is :mod:`constitutional.evaluate.pm`).
 
 The PM is the base language model with a scalar head (``AutoModelForSequenceClassification``,
 one label). It reads a conversation that ends with the assistant's answer and returns a score;
@@ -26,24 +27,25 @@ Data
 * Human comparisons (``--human-prefs``): ``prompt``/``chosen``/``rejected`` rows (strings or
   message lists) or HH-RLHF transcripts (``chosen``/``rejected`` holding the whole conversation),
   mixed in at ``human_ratio`` of the final mix.
-* ``cai eval pm`` also reads the paper's multiple-choice files through their ``text_correct`` /
-  ``text_incorrect`` fields (transcripts; the correct one must outscore every incorrect one).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from constitutional.errors import UserError
-from constitutional.store import atomic_write_jsonl, atomic_write_text, stable_hash
+from pydantic import field_validator
+
+from constitutional.core.errors import UserError
+from constitutional.core.io import atomic_write_jsonl, stable_hash
+from constitutional.core.settings import Field
+from constitutional.models import BUILTIN_MODEL
+from constitutional.train import EvalFraction, TrainRun, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class Comparison:
 
 def _as_messages(value: Any, file: Path, line: int, field: str, *,
                  answer: bool = False) -> list[Message]:
-    from constitutional.sources import parse_hh_transcript
+    from constitutional.core.messages import parse_hh_transcript
 
     if isinstance(value, str):
         if value.lstrip().startswith("Human:"):
@@ -117,7 +119,7 @@ def _split_transcript(value: Any, file: Path, line: int, field: str) -> tuple[li
 
 
 def _iter_jsonl(file: Path, skipped: list[UserError] | None = None):
-    from constitutional._files import jsonl_objects
+    from constitutional.core.io import jsonl_objects
 
     return jsonl_objects(file, skipped=skipped)
 
@@ -190,47 +192,6 @@ def _comparison(row: dict[str, Any], file: Path, n: int, source: str, hard: bool
     rid = row.get("id") or stable_hash(prompt, chosen, rejected,
                                        *([conversations] if conversations else []))
     return Comparison(str(rid), prompt, chosen, rejected, p, source, conversations)
-
-
-def load_mc_comparisons(file: str | Path, skipped: list[UserError] | None = None,
-                        ) -> list[tuple[str, list[str]]]:
-    """The paper's multiple-choice rows through ``text_correct`` / ``text_incorrect``: a list of
-    (correct transcript, [incorrect transcripts]). With a ``skipped`` list, unusable rows are
-    appended to it and skipped (see :func:`load_comparisons`)."""
-    file = Path(file)
-    out = []
-    for n, row in _iter_jsonl(file, skipped):
-        try:
-            out.append(_mc_comparison(row, file, n))
-        except UserError as err:
-            if skipped is None:
-                raise
-            skipped.append(err)
-    if not out:
-        if skipped:
-            first = skipped[0]
-            raise UserError(f"{first.message} (no usable row: {len(skipped)} skipped)",
-                            file=file, line=first.line, field=first.field)
-        raise UserError("no rows", file=file, line=1)
-    return out
-
-
-def _mc_comparison(row: dict[str, Any], file: Path, n: int) -> tuple[str, list[str]]:
-    for key in ("text_correct", "text_incorrect"):
-        if key not in row:
-            raise UserError("missing", file=file, line=n, field=key)
-    correct = row["text_correct"]
-    if isinstance(correct, list):
-        if len(correct) != 1:
-            raise UserError("expected one correct text", file=file, line=n,
-                            field="text_correct")
-        correct = correct[0]
-    incorrect = row["text_incorrect"]
-    incorrect = [incorrect] if isinstance(incorrect, str) else incorrect
-    if not isinstance(correct, str) or not incorrect or not all(
-            isinstance(t, str) for t in incorrect):
-        raise UserError("expected strings", file=file, line=n, field="text_incorrect")
-    return correct, list(incorrect)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,38 +488,37 @@ def _soft_trainer_class():
 # the stage
 
 
-@dataclass
-class PMConfig:
-    labels: str  # a `cai rl label` run directory, or a prompt/chosen/rejected(/score) JSONL
-    model: str  # the base model (spec) that gets the scalar head
-    out: str
-    human_prefs: str | None = None  # prompt/chosen/rejected or HH-RLHF transcripts (hard labels)
-    human_ratio: float = 0.5  # share of human comparisons in the final mix
-    epochs: float = 1.0
-    learning_rate: float = 1e-5
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    eval_fraction: float = 0.1
-    eval_steps: int | None = None  # default: evaluate once per epoch
-    save_steps: int = 50
-    logging_steps: int = 5
-    seed: int = 0
-    resume: bool = False
+class PMSettings(TrainSettings):
+    """``pm:``: the preference model's training on soft AI labels (+ human comparisons)."""
 
-    def validate(self) -> None:
-        if not 0 <= self.human_ratio < 1:
-            raise UserError("must be in [0, 1)", field="human_ratio")
-        if not 0 < self.eval_fraction < 1:
-            raise UserError("must be in (0, 1): the held-out split measures accuracy",
-                            field="eval_fraction")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise UserError("must be at least 1", field=name)
-        if self.epochs <= 0:
-            raise UserError("must be positive", field="epochs")
-        if self.learning_rate <= 0:
-            raise UserError("must be positive", field="learning_rate")
+    human_prefs: str | None = Field(None, description="Human helpfulness comparisons (hard "
+                                                      "labels): prompt/chosen/rejected JSONL or "
+                                                      "HH-RLHF transcripts.")
+    human_ratio: float = Field(0.5, ge=0, lt=1, description="Share of human comparisons in the "
+                                                            "mix.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    eval_fraction: EvalFraction = Field(0.1, description="Share of the comparisons held out to "
+                                                         "measure accuracy (more than 0).")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: "
+                                                           "each epoch).")
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _held_out(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must be in (0, 1): the held-out split measures accuracy")
+        return value
+
+
+class PMConfig(TrainRun, PMSettings):
+    """Settings of ``cai rl pm``: the tunable ones, and the run's inputs and output."""
+
+    labels: str = Field(description="A `cai rl label` run directory, or a JSONL of "
+                                    "prompt/chosen/rejected rows (+ score = P(chosen)).")
+    model: str = Field(BUILTIN_MODEL, description="The base model that gets the scalar head.",
+                       json_schema_extra={"cli": ["--model", "-m"]})
+    out: str = Field(description="Where the PM (a model directory) goes.",
+                     json_schema_extra={"cli": ["--out"]})
 
 
 @dataclass
@@ -584,7 +544,8 @@ def mix(ai: list[Comparison], human: list[Comparison], human_ratio: float, seed:
 
 def pm_train(config: PMConfig) -> PMResult:
     """Train the PM on soft AI labels (+ human comparisons); save it to ``config.out``."""
-    config.validate()
+    from constitutional.train import process_state, write_report
+
     t0 = time.perf_counter()
     ai = load_comparisons(config.labels, source="ai")
     human = (load_comparisons(config.human_prefs, source="human", hard=True)
@@ -605,9 +566,7 @@ def pm_train(config: PMConfig) -> PMResult:
              sum(r.source == "human" for r in train_rows), len(eval_rows))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    from constitutional.training import process_state
-
-    main = process_state().is_main_process  # under `accelerate launch`, only the main process writes files
+    main = process_state().is_main_process  # under `accelerate launch`, only it writes files
     if main:
         atomic_write_jsonl(out / "pm.heldout.jsonl", [r.to_row() for r in eval_rows])
     metrics = _train(config, train_rows, eval_rows)
@@ -615,144 +574,50 @@ def pm_train(config: PMConfig) -> PMResult:
                     "train_rows": len(train_rows), "eval_rows": len(eval_rows),
                     "wall_seconds": round(time.perf_counter() - t0, 2)})
     if main:
-        atomic_write_text(out / PM_METRICS, json.dumps(
-            {"config": asdict(config), "metrics": metrics}, indent=2, default=str) + "\n")
+        write_report(out / PM_METRICS, config, metrics)
     return PMResult(out, metrics)
 
 
 def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Comparison],
            ) -> dict[str, Any]:
-    import torch
+    """TRL's RewardTrainer with the soft-label loss, on a scalar head over ``config.model``."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig
 
-    from constitutional.training import LogCallback, eval_before, trainable_model_path, trainer_args
+    from constitutional.train import TrainJob, run_trainer
 
-    path = trainable_model_path(config.model)
-    out = Path(config.out)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(config.seed)  # the new scalar head's init: the same on every launch
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                               dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    def load_model(path: str, tokenizer: Any) -> Any:
+        import torch
+        from transformers import AutoModelForSequenceClassification
 
-    def dataset(rows: list[Comparison]) -> Dataset:
-        return Dataset.from_list([{
-            "chosen_ids": encode(tokenizer, _with_answer(r.prompt, r.chosen), config.max_length),
-            "rejected_ids": encode(tokenizer, _with_answer(r.prompt, r.rejected),
-                                   config.max_length),
-            "p": r.p,
-        } for r in rows])
+        torch.manual_seed(config.seed)  # the new scalar head's init: the same on every launch
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                   dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
 
-    train_ds, eval_ds = dataset(train_rows), dataset(eval_rows)
-    checkpoints = out / "checkpoints"
-    args = RewardConfig(
-        max_length=config.max_length, eval_steps=config.eval_steps,
-        remove_unused_columns=False, center_rewards_coefficient=None,
-        **trainer_args(output_dir=str(checkpoints), epochs=config.epochs,
-                       learning_rate=config.learning_rate, batch_size=config.batch_size,
-                       grad_accum=config.grad_accum, logging_steps=config.logging_steps,
-                       save_steps=config.save_steps, seed=config.seed,
-                       evaluate="steps" if config.eval_steps else "epoch"))
+    def datasets(tokenizer: Any) -> tuple[Any, Any]:
+        def dataset(rows: list[Comparison]) -> Any:
+            return Dataset.from_list([{
+                "chosen_ids": encode(tokenizer, _with_answer(r.prompt, r.chosen),
+                                     config.max_length),
+                "rejected_ids": encode(tokenizer, _with_answer(r.prompt, r.rejected),
+                                       config.max_length),
+                "p": r.p,
+            } for r in rows])
+
+        return dataset(train_rows), dataset(eval_rows)
+
     trainer_cls, collator_cls = _soft_trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer,
-                          data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LogCallback())
-    metrics: dict[str, Any] = {}
-    resume = config.resume and any(checkpoints.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    before = eval_before(trainer)
-    metrics["eval_accuracy_before"] = before.get("eval_accuracy")
-    metrics["eval_loss_before"] = before.get("eval_loss")
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = result.global_step
-    metrics["train_log"] = [
-        {k: v for k, v in e.items() if k in ("step", "loss", "eval_loss", "eval_accuracy",
-                                             "epoch")}
-        for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
-    ]
-    after = trainer.evaluate()
-    metrics["eval_accuracy"] = after.get("eval_accuracy")
-    metrics["eval_loss"] = after.get("eval_loss")
-    trainer.save_model(str(out))  # main process only; gathers FSDP / ZeRO-3 shards
-    trainer.accelerator.wait_for_everyone()
-    for k, v in list(metrics.items()):
-        if isinstance(v, float) and math.isfinite(v):
-            metrics[k] = round(v, 4)
-    return metrics
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-
-
-@dataclass
-class PMEval:
-    accuracy: float
-    correct: int
-    n: int
-    ci95: tuple[float, float]
-    rows: list[dict[str, Any]]
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be used
-
-
-def evaluate_pm(pm: PreferenceModel, data: str | Path, *, limit: int | None = None) -> PMEval:
-    """Accuracy of ``pm`` on a comparison file: ``prompt``/``chosen``/``rejected``, HH-RLHF
-    transcripts, or the paper's multiple-choice rows (``text_correct``/``text_incorrect``).
-    Rows with a soft ``score`` count towards the side they prefer; exact ties (0.5) are skipped."""
-    file = Path(data)
-    skipped: list[UserError] = []
-    first = (next((row for _, row in _iter_jsonl(file, [])), None)
-             if file.is_file() else None)
-    rows: list[dict[str, Any]] = []
-    if first is not None and "text_correct" in first:
-        items = load_mc_comparisons(file, skipped)[:limit]
-        convs: list[list[Message]] = []
-        spans = []
-        for correct, incorrect in items:
-            start = len(convs)
-            for text in [correct, *incorrect]:
-                convs.append(_mc_messages(text))
-            spans.append((start, len(convs)))
-        scores = pm.score(convs)
-        for (correct, _), (a, b) in zip(items, spans, strict=True):
-            s = scores[a:b]
-            rows.append({"text_correct": correct, "score_correct": s[0],
-                         "scores_incorrect": s[1:], "correct": all(s[0] > x for x in s[1:])})
-    else:
-        comps = [c for c in load_comparisons(file, skipped=skipped, branching=True)
-                 if c.p != 0.5][:limit]
-        pairs = [c.pair() for c in comps]
-        chosen, rejected = pm.score_conversation_pairs([a for a, _ in pairs],
-                                                       [b for _, b in pairs])
-        for c, sc, sr in zip(comps, chosen, rejected, strict=True):
-            rows.append({"id": c.id, "score_chosen": sc, "score_rejected": sr, "p": c.p,
-                         "correct": sc > sr})
-    if not rows:
-        raise UserError("no decided comparisons to evaluate", file=file, line=1)
-    k = sum(r["correct"] for r in rows)
-    from constitutional.evaluate.mc import wilson_interval
-
-    for err in skipped:
-        log.warning("%s (row skipped)", err)
-    return PMEval(k / len(rows), k, len(rows), wilson_interval(k, len(rows)), rows,
-                  [{"line": e.line, "field": e.field, "reason": e.message} for e in skipped])
-
-
-def _mc_messages(text: str) -> list[Message]:
-    from constitutional.sources import parse_hh_transcript
-
-    if text.lstrip().startswith("Human:"):
-        try:
-            msgs = parse_hh_transcript(text)
-            if msgs[-1]["role"] == "assistant":
-                return msgs
-        except ValueError:
-            pass
-    return [{"role": "user", "content": ""}, {"role": "assistant", "content": text}]
+    return run_trainer(config, TrainJob(
+        model=config.model, out=Path(config.out), trainer_class=trainer_cls,
+        args_class=RewardConfig, learning_rate=config.learning_rate,
+        args={"max_length": config.max_length, "eval_steps": config.eval_steps,
+              "remove_unused_columns": False, "center_rewards_coefficient": None},
+        datasets=datasets, load_model=load_model,
+        evaluate="steps" if config.eval_steps else "epoch",
+        trainer_kwargs=lambda tokenizer: {
+            "data_collator": collator_cls(pad_token_id=tokenizer.pad_token_id)},
+        before={"eval_accuracy_before": "eval_accuracy", "eval_loss_before": "eval_loss"},
+        after={"eval_accuracy": "eval_accuracy", "eval_loss": "eval_loss"},
+        log_keys=("step", "loss", "eval_loss", "eval_accuracy", "epoch")))

@@ -50,7 +50,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from constitutional.models.base import Conversation, Message, Prompt
+from constitutional.core.messages import HH_LABELS, Conversation, Message
+from constitutional.models.base import Prompt
 
 LETTERS = "AB"
 OPEN, CLOSE = "[[[", "]]]"
@@ -61,7 +62,6 @@ COT_TRIGGER = "Let's think step by step:"
 COT_ANSWER_PREFIX = "So the answer is: ("
 #: Where the generated reasoning is cut (the model's own answer is never parsed).
 COT_STOP = ("So the answer is", "The answer is", "\n\nHuman:", "\nHuman:", OPEN)
-ROLE_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
 SHOT_SEPARATOR = "\n\n\n"
 MODES = ("chat", "raw")
 
@@ -99,7 +99,7 @@ def _option_body(text: str, special_tokens: Iterable[str]) -> str:
 def conversation_text(messages: Sequence[Message], special_tokens: Iterable[str] = ()) -> str:
     """``Human: …`` / ``Assistant: …`` turns separated by blank lines, contents neutralised."""
     return "\n\n".join(
-        f"{ROLE_LABELS.get(m['role'], m['role'].title())}: "
+        f"{HH_LABELS.get(m['role'], m['role'].title())}: "
         f"{neutralise(m['content'].strip(), special_tokens)}"
         for m in messages
     )

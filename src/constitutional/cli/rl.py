@@ -1,0 +1,180 @@
+"""``cai rl …``: the RL-CAI stages, in the paper's order: ``sample`` two answers per prompt,
+``label`` them with AI feedback, train the preference model (``pm``), then ``ppo`` (the paper)
+or ``dpo`` (offline, lighter). ``rl train --algo ppo|dpo`` is kept for one release."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from constitutional.cli.options import (
+    DeviceOpt,
+    OutOpt,
+    RayOptions,
+    err_console,
+    model_options,
+    of,
+    out,
+    print_line,
+    ray_options,
+    settings_command,
+)
+from constitutional.core.errors import UserError
+from constitutional.prompts.selection import PromptSelection
+from constitutional.rl.dpo import DPOStageConfig
+from constitutional.rl.label import LabelConfig
+from constitutional.rl.ppo import PPOConfig
+from constitutional.rl.preference import PMConfig
+from constitutional.rl.sample import SampleConfig
+
+rl_app = typer.Typer(
+    help="RL-CAI: answer pairs, soft AI preference labels, the preference model, PPO or DPO.",
+    no_args_is_help=True,
+)
+OUT = {"out": ["--out"]}
+
+
+@settings_command(rl_app, "sample", PromptSelection, SampleConfig, RayOptions)
+def sample_cmd(
+    values: dict[str, Any],
+    out_dir: OutOpt,
+    device: DeviceOpt = None,
+) -> None:
+    """Two answers per prompt from MODEL: the pairs dataset (RUN/pairs.jsonl)."""
+    from constitutional.models import load_model
+    from constitutional.rl.sample import sample
+
+    selection = of(PromptSelection, values)
+    config = of(SampleConfig, {k: v for k, v in values.items() if k != "prompts"},
+                prompts=selection.prompts)
+    records = selection.load()
+    ray = ray_options(values, device)
+    if ray is not None:
+        from constitutional.distributed.ray import ray_sample
+
+        result = ray_sample(records, config, out_dir, ray)
+    else:
+        lm = load_model(config.model, **model_options(device)) if device else None
+        result = sample(records, config, out_dir, model=lm)
+    err_console.print(
+        f"[dim]{result.generated} new pairs in {result.seconds:.1f}s "
+        f"({result.pairs - result.generated} already done)"
+        + (f", {result.identical} with identical answers" if result.identical else "") + "[/]")
+    print_line(f"{result.pairs} pairs → {result.out / 'pairs.jsonl'}")
+
+
+@settings_command(rl_app, "label", LabelConfig, RayOptions,
+                  context_settings={"allow_extra_args": True})  # the HI of `--clamp LO HI`
+def label_cmd(
+    values: dict[str, Any],
+    ctx: typer.Context,
+    pairs: Annotated[str, typer.Option(help="A run directory from `rl sample` (its pairs.jsonl) "
+                                            "or a JSONL file with prompt/response_a/response_b.")],
+    out_dir: OutOpt,
+    device: DeviceOpt = None,
+) -> None:
+    """Soft AI preference labels: p_a = P(response_a preferred), from option log-probabilities."""
+    from constitutional.models import load_model
+    from constitutional.rl.label import label, load_pairs
+
+    extra = list(ctx.args)
+    if extra and "clamp" not in values:
+        raise UserError(f"unexpected argument {extra[0]!r}")
+    if extra:
+        values["clamp"] = " ".join([values["clamp"], *extra])
+    config = of(LabelConfig, values)
+    rows = load_pairs(pairs)
+    ray = ray_options(values, device)
+    if ray is not None:
+        from constitutional.distributed.ray import ray_label
+
+        result = ray_label(rows, config, out_dir, ray)
+    else:
+        lm = load_model(config.feedback_model, **model_options(device)) if device else None
+        result = label(rows, config, out_dir, model=lm)
+    bias = ("n/a (one order)" if result.position_bias_rate is None
+            else f"{result.position_bias_rate:.1%}")
+    passes = result.stats.get("forward_passes")
+    err_console.print(
+        f"[dim]{result.labelled} pairs labelled in {result.seconds:.1f}s "
+        f"({result.pairs - result.labelled} already done)"
+        + (f", {passes} forward passes" if passes is not None else "") + "[/]")
+    print_line(f"{result.pairs} labels → {result.out / 'labels.jsonl'} · preferences → "
+               f"{result.out / 'preferences.jsonl'}")
+    print_line(f"mean p_a {result.mean_p_a:.3f} · position-bias rate {bias}")
+
+
+@settings_command(rl_app, "pm", PMConfig, names={**OUT, "model": ["--model", "-m"]})
+def pm_cmd(values: dict[str, Any]) -> None:
+    """Train the preference model on soft AI labels (+ human comparisons)."""
+    from constitutional.rl.preference import pm_train
+
+    result = pm_train(PMConfig(**values))
+    m = result.metrics
+    print_line(f"PM → {result.out_dir} · held-out accuracy {m['eval_accuracy_before']:.3f} → "
+               f"{m['eval_accuracy']:.3f} ({m['eval_rows']} comparisons) · "
+               f"{m['train_rows']} trained ({m['ai_comparisons']} AI, "
+               f"{m['human_comparisons']} human available) · {m['wall_seconds']:.0f}s")
+
+
+@settings_command(rl_app, "ppo", PPOConfig, names=OUT)
+def ppo_cmd(values: dict[str, Any]) -> None:
+    """PPO of the policy against the PM with a KL penalty to the SL-CAI model (the paper)."""
+    run_ppo(PPOConfig(**values))
+
+
+@settings_command(rl_app, "dpo", DPOStageConfig, names=OUT)
+def dpo_cmd(values: dict[str, Any]) -> None:
+    """Offline DPO of the policy on the AI preference labels (lighter than PPO)."""
+    run_dpo(DPOStageConfig(**values))
+
+
+@settings_command(rl_app, "train", PPOConfig, DPOStageConfig, names=OUT, only_given=True,
+                  hidden=True)
+def train_cmd(
+    values: dict[str, Any],
+    algo: Annotated[str, typer.Option(help="ppo (the paper) or dpo (offline, lighter).")]
+    = "ppo",
+) -> None:
+    """Deprecated: `rl ppo` or `rl dpo` (kept for one release)."""
+    if algo not in ("ppo", "dpo"):
+        raise UserError(f"unknown algorithm {algo!r}; choose ppo or dpo", field="algo")
+    err_console.print(f"[dim]`cai rl train --algo {algo}` is now `cai rl {algo}`[/]")
+    model = PPOConfig if algo == "ppo" else DPOStageConfig
+    values = {"resume": True, "save_steps": 10, **values}  # this command's old defaults
+    config = model(**{k: v for k, v in values.items() if k in model.model_fields})
+    (run_ppo if algo == "ppo" else run_dpo)(config)
+
+
+def run_ppo(config: PPOConfig) -> None:
+    from constitutional.rl.ppo import ppo_train
+
+    table = Table("step", "reward", "PM score", "KL", "entropy", "clip", "len", "gen s",
+                  "score s", "update s", title="PPO", show_edge=False)
+
+    def on_step(row: dict) -> None:
+        err_console.print(
+            f"[dim]step {row['step']}/{config.steps} · reward {row['reward_mean']:.3f} · "
+            f"KL {row['kl']:.3f} · entropy {row['entropy']:.2f}[/]")
+        table.add_row(*(f"{row[k]:{f}}" for k, f in (
+            ("step", ""), ("reward_mean", ".3f"), ("score_mean", ".3f"), ("kl", ".3f"),
+            ("entropy", ".2f"), ("clip_frac", ".3f"), ("response_len", ".1f"),
+            ("time_generate", ".1f"), ("time_score", ".1f"), ("time_update", ".1f"))))
+
+    result = ppo_train(config, on_step=on_step)
+    if table.row_count:
+        out.print(table)
+    print_line(f"PPO policy → {result.out_dir} · {result.steps} steps · log → "
+               f"{result.out_dir / 'ppo_log.jsonl'} · {result.seconds:.0f}s")
+
+
+def run_dpo(config: DPOStageConfig) -> None:
+    from constitutional.rl.dpo import dpo_train
+
+    result = dpo_train(config)
+    m = result.metrics
+    print_line(f"DPO policy → {result.out_dir} · {m['train_pairs']} pairs · label smoothing "
+               f"{m['label_smoothing']:.3f} · held-out margin {m.get('eval_margin_before')} "
+               f"→ {m.get('eval_margin')} · {m['wall_seconds']:.0f}s")

@@ -1,0 +1,1 @@
+"""The pieces every stage shares: errors, files (JSONL, atomic writes), messages, paths, logging."""

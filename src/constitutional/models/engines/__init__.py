@@ -1,0 +1,1 @@
+"""Fast CPU inference that leans on private transformers internals, behind a version guard."""

@@ -1,0 +1,1 @@
+"""Prompt sources: red-team and helpful prompt sets from files, wheels and the hub."""
