@@ -1,7 +1,8 @@
 """The statistics of the evaluations: intervals for accuracies and rates, and Elo ratings.
 
 * :func:`wilson_interval` — the Wilson score interval of ``k`` successes out of ``n`` (the 95%
-  intervals of ``cai eval mc``, ``cai eval pm`` and the evasiveness rates).
+  intervals of ``cai eval mc``, ``cai eval pm`` and the evasiveness rates); it lives in
+  :mod:`constitutional.core.stats` (``rl calibrate`` uses it too) and is re-exported here.
 * :func:`fit_bradley_terry` — Elo ratings from pairwise comparisons (``cai eval elo``), with a
   cluster bootstrap for their intervals.
 
@@ -31,21 +32,15 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from constitutional.core.stats import wilson_interval
+
+__all__ = ["ELO_SCALE", "PRIOR_L2", "cluster_bootstrap", "fit_bradley_terry", "sigmoid",
+           "wilson_interval"]
+
 #: Elo points per Bradley–Terry strength unit.
 ELO_SCALE = 400.0 / math.log(10.0)
 #: λ of the Gaussian prior on strengths (see the module docstring).
 PRIOR_L2 = 0.01
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval for ``k`` successes out of ``n`` (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def sigmoid(x: float) -> float:

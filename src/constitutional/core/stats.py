@@ -1,0 +1,56 @@
+"""The small statistics every layer reports: an interval for a rate, and whether a figure is
+distinguishable from chance.
+
+* :func:`wilson_interval` — the Wilson score interval of ``k`` successes out of ``n`` (the 95%
+  intervals of ``cai eval mc``, ``cai eval pm``, ``cai rl calibrate`` and the evasiveness rates;
+  :mod:`constitutional.evaluate.stats` re-exports it).
+* :func:`chance_verdict` — "above chance", "at chance" (the interval contains chance) or "below
+  chance", the words the CLI, the quality gates and the report's verdict use.
+* :func:`share` and :func:`mean_abs_from_half` — the label-quality figures of ``rl label``,
+  ``rl calibrate`` and ``eval mc --debias``: the share of items with a property (position-biased,
+  both orders agreeing), and the mean distance of soft labels from 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+#: The position-bias rate at or above which AI labels are said to carry no signal (the default of
+#: ``gates.max_position_bias``, and the report's verdict when a run has no gates entry).
+NO_SIGNAL_POSITION_BIAS = 0.9
+
+
+def wilson_interval(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval for ``k`` successes out of ``n`` (95% by default). ``k`` may be
+    fractional (a tie counted as half a success)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def chance_verdict(interval: Iterable[float | None], chance: float = 0.5) -> str:
+    """``"above chance"`` when the whole interval is above ``chance``, ``"below chance"`` when it
+    is below, else ``"at chance"`` (the interval contains it: no measurable signal)."""
+    lo, hi = interval
+    if lo is not None and lo > chance:
+        return "above chance"
+    if hi is not None and hi < chance:
+        return "below chance"
+    return "at chance"
+
+
+def share(flags: Iterable[bool | None]) -> float | None:
+    """The share of ``True`` among the flags that are not ``None`` (None when there are none)."""
+    known = [bool(f) for f in flags if f is not None]
+    return sum(known) / len(known) if known else None
+
+
+def mean_abs_from_half(probabilities: Iterable[float]) -> float | None:
+    """The mean of ``|p − 0.5|``: 0 for labels that never lean, 0.5 for certain ones."""
+    ps = [abs(float(p) - 0.5) for p in probabilities]
+    return sum(ps) / len(ps) if ps else None
