@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,32 @@ def test_debias_averages_both_letterings(tiny) -> None:
         assert b["correct"] == (max(mean_c) > max(mean_i))
 
 
+def _choice(logprobs: list[float]) -> int:
+    return logprobs.index(max(logprobs))
+
+
+def test_debias_measures_position_bias_agreement_and_lean(tiny) -> None:
+    rows = load_mc(SMALL) + load_mc(THREE)
+    result = evaluate_mc(rows, MCConfig(tiny.spec, debias=True), model=tiny)
+    flips = []
+    for r in result.rows:  # the options keep their order (corrects, incorrects) in both
+        o, s = r["original"], r["swapped"]
+        flips.append(_choice(o["logprobs_corrects"] + o["logprobs_incorrects"])
+                     != _choice(s["logprobs_corrects"] + s["logprobs_incorrects"]))
+        assert r["choice_flips"] == flips[-1]
+    assert result.position_bias_rate == pytest.approx(sum(flips) / len(flips))
+    assert result.order_agreement == pytest.approx(1 - sum(flips) / len(flips))
+    lean = [abs(1 / (1 + math.exp(max(r["logprobs_incorrects"]) - max(r["logprobs_corrects"])))
+                - 0.5) for r in result.rows]
+    assert result.mean_abs_p_a_minus_half == pytest.approx(sum(lean) / len(lean))
+    summary = result.summary()
+    assert summary["position_bias_rate"] == result.position_bias_rate
+    assert {"accuracy", "ci95", "chance", "at_chance", "order_agreement"} <= set(summary)
+    plain = evaluate_mc(rows[:3], MCConfig(tiny.spec), model=tiny)  # one lettering
+    assert plain.position_bias_rate is None and plain.order_agreement is None
+    assert 0 <= plain.mean_abs_p_a_minus_half <= 0.5
+
+
 def test_single_token_options_take_one_pass(tiny) -> None:
     rows = [MCRow(i + 1, f"Question {i}? (A) yes (B) no\nThe answer is: (", ["A"], ["B"])
             for i in range(5)]
@@ -141,6 +168,11 @@ def test_cli_writes_rows_and_summary(tiny_model_dir: Path, tmp_path: Path) -> No
     assert len(rows) == 3 and all("swapped" in r for r in rows)
     summary = json.loads((tmp_path / "res.summary.json").read_text())
     assert summary["n"] == 3 and len(summary["ci95"]) == 2
+    flips = sum(r["choice_flips"] for r in rows) / 3
+    assert summary["position_bias_rate"] == pytest.approx(flips)
+    assert summary["order_agreement"] == pytest.approx(1 - flips)
+    assert f"(position-bias rate) {flips:.1%}" in proc.stdout
+    assert f"mean |p − 0.5| {summary['mean_abs_p_a_minus_half']:.3f}" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,15 @@ from constitutional.rl.feedback import (
     prob_response_a,
     special_tokens,
 )
-from constitutional.rl.label import LabelConfig, clamp, is_position_biased, label, load_pairs
+from constitutional.rl.label import (
+    LabelConfig,
+    clamp,
+    is_position_biased,
+    label,
+    label_quality,
+    load_pairs,
+    orders_agree,
+)
 
 CAI = [sys.executable, "-m", "constitutional.cli"]
 
@@ -94,6 +102,34 @@ def test_swapped_order_maps_p_a_to_p_b() -> None:
     assert ensemble([prob_response_a(0.9, "ab"), prob_response_a(0.9, "ba")]) == pytest.approx(0.5)
     assert is_position_biased(0.9, 0.9) and is_position_biased(0.2, 0.3)
     assert not is_position_biased(0.8, 0.2) and not is_position_biased(0.5, 0.9)
+
+
+def test_orders_agree_when_both_prefer_the_same_response() -> None:
+    # an unbiased judge preferring response_a: P(A)=0.8 in "ab", P(A)=0.2 in "ba": the orders agree
+    assert orders_agree(0.8, 0.2) and not is_position_biased(0.8, 0.2)
+    assert orders_agree(0.3, 0.6)  # both prefer response_b (P(response_a) 0.3 and 0.4)
+    # a positional judge: the same letter wins in both orders, so the responses disagree
+    assert is_position_biased(0.9, 0.9) and not orders_agree(0.9, 0.9)
+    assert not orders_agree(0.6, 0.5) and not is_position_biased(0.6, 0.5)  # a tie: neither
+
+
+def _record(p_ab: list[float], p_ba: list[float], p_a: float) -> dict:
+    return {"p_a": p_a, "judgements": [{"order": "ab", "p_A": p} for p in p_ab]
+            + [{"order": "ba", "p_A": p} for p in p_ba]}
+
+
+def test_label_quality_from_judgements() -> None:
+    records = [_record([0.9, 0.7], [0.2, 0.4], 0.75),  # means 0.8 / 0.3: both prefer a
+               _record([0.9], [0.8], 0.55),  # the same letter wins: position-biased
+               _record([0.3], [0.6], 0.35),  # both prefer b
+               _record([0.6], [0.5], 0.55)]  # a tie in "ba": neither
+    q = label_quality(records)
+    assert q["pairs_both_orders"] == 4
+    assert q["position_bias_rate"] == 0.25 and q["order_agreement"] == 0.5
+    assert q["mean_abs_p_a_minus_half"] == pytest.approx((0.25 + 0.05 + 0.15 + 0.05) / 4)
+    one = label_quality([{"p_a": 0.9, "judgements": [{"order": "ab", "p_A": 0.9}]}])
+    assert one["position_bias_rate"] is None and one["order_agreement"] is None
+    assert one["mean_abs_p_a_minus_half"] == pytest.approx(0.4)
 
 
 def test_clamp_and_ensemble() -> None:
@@ -376,7 +412,37 @@ def test_cli_in_process(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     rc = main(["rl", "label", "--pairs", str(pairs), "--feedback-model", str(tiny_model_dir),
                "--out", str(tmp_path / "r"), "--few-shot", "0", "--one-order"])
     assert rc == 0
-    assert "position-bias rate n/a" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "position-bias rate n/a" in out and "order agreement n/a" in out
+    summary = json.loads((tmp_path / "r" / "label.summary.json").read_text())
+    assert summary["order_agreement"] is None and summary["position_bias_rate"] is None
+
+
+def test_label_quality_in_the_summary_and_the_cli(tiny_model_dir: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS + many_pairs(5))
+    out = tmp_path / "r"
+    assert main(["rl", "label", "--pairs", str(pairs), "--feedback-model", str(tiny_model_dir),
+                 "--out", str(out), "--few-shot", "1", "-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "label.summary.json").read_text())
+    records = list(read_jsonl(out / "labels.jsonl"))
+    biased = agree = 0
+    for r in records:  # from the judgements, independently of the library
+        ab = sum(j["p_A"] for j in r["judgements"] if j["order"] == "ab") / 2
+        ba = sum(j["p_A"] for j in r["judgements"] if j["order"] == "ba") / 2
+        biased += (ab > 0.5) == (ba > 0.5)
+        agree += (ab > 0.5) == (1 - ba > 0.5)
+    n = len(records)
+    assert n == 8 and summary["pairs_both_orders"] == n
+    assert summary["position_bias_rate"] == pytest.approx(biased / n)
+    assert summary["order_agreement"] == pytest.approx(agree / n)
+    assert summary["position_bias_rate"] + summary["order_agreement"] == pytest.approx(1.0)
+    lean = sum(abs(r["p_a"] - 0.5) for r in records) / n
+    assert summary["mean_abs_p_a_minus_half"] == pytest.approx(lean)
+    assert summary["mean_p_a"] == pytest.approx(sum(r["p_a"] for r in records) / n)  # kept
+    assert (f"position-bias rate {biased / n:.1%} · order agreement {agree / n:.1%} · "
+            f"mean |p_a − 0.5| {lean:.3f}") in printed
 
 
 @pytest.mark.slow

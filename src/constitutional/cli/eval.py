@@ -188,6 +188,16 @@ def mc_cmd(
     out.print(f"accuracy {result.accuracy:.3f} ({result.correct}/{result.n}), "
               f"95% CI [{lo:.3f}, {hi:.3f}] (Wilson) · {model} · {data} · {mode}",
               markup=False, highlight=False, soft_wrap=True)
+    lean = result.mean_abs_p_a_minus_half
+    if debias:
+        out.print(f"choice flips with the lettering (position-bias rate) "
+                  f"{result.position_bias_rate:.1%} · same choice in both letterings (order "
+                  f"agreement) {result.order_agreement:.1%} · mean |p − 0.5| {lean:.3f}",
+                  markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(f"mean |p − 0.5| {lean:.3f} (p: the right option against the best wrong one; "
+                  f"--debias also measures position bias)", markup=False, highlight=False,
+                  soft_wrap=True)
     chance = result.summary()["chance"]
     if lo <= chance <= hi:
         out.print(f"at chance: the interval includes {chance:.3f}, the accuracy of picking an "

@@ -94,8 +94,6 @@ def label_cmd(
     else:
         lm = load_model(config.feedback_model, **model_options(device)) if device else None
         result = label(rows, config, out_dir, model=lm)
-    bias = ("n/a (one order)" if result.position_bias_rate is None
-            else f"{result.position_bias_rate:.1%}")
     passes = result.stats.get("forward_passes")
     err_console.print(
         f"[dim]{result.labelled} pairs labelled in {result.seconds:.1f}s "
@@ -103,7 +101,20 @@ def label_cmd(
         + (f", {passes} forward passes" if passes is not None else "") + "[/]")
     print_line(f"{result.pairs} labels → {result.out / 'labels.jsonl'} · preferences → "
                f"{result.out / 'preferences.jsonl'}")
-    print_line(f"mean p_a {result.mean_p_a:.3f} · position-bias rate {bias}")
+    print_line(f"mean p_a {result.mean_p_a:.3f} · "
+               + quality_line(result.position_bias_rate, result.order_agreement,
+                              result.mean_abs_p_a_minus_half))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a (one order)" if x is None else f"{x:.1%}"
+
+
+def quality_line(bias: float | None, agreement: float | None, margin: float | None) -> str:
+    """The label-quality figures in one line (`rl label`, `rl calibrate`)."""
+    lean = "n/a" if margin is None else f"{margin:.3f}"
+    return (f"position-bias rate {_pct(bias)} · order agreement {_pct(agreement)} · "
+            f"mean |p_a − 0.5| {lean}")
 
 
 @settings_command(rl_app, "pm", PMConfig, names={**OUT, "model": ["--model", "-m"]})

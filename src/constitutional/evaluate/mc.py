@@ -22,10 +22,24 @@ reported with a 95% Wilson score interval.
   blocks) is skipped, counted and listed in the summary (``skipped``); only a file with no
   usable row at all is an error.
 
+Label quality
+-------------
+The summary also reports the figures ``rl label`` reports for AI labels:
+
+* ``mean_abs_p_a_minus_half``: the mean of |p − 0.5|, where p = σ(ℓ_correct − ℓ_incorrect) is
+  the two-way normalised probability of the best correct option against the best incorrect one
+  (from the log-likelihoods decided on): how far the model leans, 0 for a model that cannot
+  tell the options apart;
+* with ``debias``, ``position_bias_rate``: the share of rows whose choice (the option, by its
+  text, with the highest log-likelihood) **flips** with the lettering — the model followed the
+  letters, not the texts — and ``order_agreement``: the share whose choice is the same in both
+  letterings (outside exact ties, the two add up to 1). Without ``debias`` both are null.
+
 Per-row results (JSONL): ``id``, ``line``, ``correct``, ``corrects``, ``incorrects``,
 ``logprobs_corrects``, ``logprobs_incorrects`` (the ones decided on: the mean over letterings with
 ``debias``) and, with ``debias``, ``original`` and ``swapped`` (each with the prompt's own
-log-likelihoods).
+log-likelihoods, and ``choice``: the index, in ``corrects`` + ``incorrects``, of the option it
+picked), ``choice_flips`` (its choice differs between the letterings).
 """
 
 from __future__ import annotations
@@ -46,7 +60,8 @@ from constitutional.core.io import atomic_write_jsonl, atomic_write_text, jsonl_
 from constitutional.core.log import err_console
 from constitutional.core.messages import parse_hh_transcript
 from constitutional.core.settings import CLI_HIDDEN, Field, Settings
-from constitutional.evaluate.stats import wilson_interval
+from constitutional.core.stats import mean_abs_from_half, share
+from constitutional.evaluate.stats import sigmoid, wilson_interval
 from constitutional.models import BUILTIN_MODEL, LanguageModel, load_model
 from constitutional.models.base import Prompt
 
@@ -101,6 +116,9 @@ class MCResult:
     stats: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be used
+    position_bias_rate: float | None = None  # with debias: rows whose choice flips
+    order_agreement: float | None = None  # with debias: rows whose choice is the same
+    mean_abs_p_a_minus_half: float | None = None
 
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "rows"}
@@ -280,6 +298,17 @@ def is_correct(logprobs_corrects: Sequence[float], logprobs_incorrects: Sequence
     return max(logprobs_corrects) > max(logprobs_incorrects)
 
 
+def choice(logprobs: Sequence[float]) -> int:
+    """The index of the option with the highest log-likelihood (the first of equals)."""
+    return max(range(len(logprobs)), key=lambda k: (logprobs[k], -k))
+
+
+def p_correct(logprobs_corrects: Sequence[float], logprobs_incorrects: Sequence[float]) -> float:
+    """σ(best correct − best incorrect): the two-way normalised probability of the right
+    answer (see "Label quality" in the module docstring)."""
+    return sigmoid(max(logprobs_corrects) - max(logprobs_incorrects))
+
+
 def _contexts(rows: Sequence[MCRow], config: MCConfig) -> list[Prompt]:
     return [chat_context(r.prompt, config.answer_prefix) if config.chat else r.prompt
             for r in rows]
@@ -331,9 +360,12 @@ def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
         if swaps:
             swapped, mapping = swaps[i]
             sc, si = swapped_scores[i][:nc], swapped_scores[i][nc:]
-            result["original"] = {"logprobs_corrects": lc, "logprobs_incorrects": li}
+            result["original"] = {"logprobs_corrects": lc, "logprobs_incorrects": li,
+                                  "choice": choice([*lc, *li])}
             result["swapped"] = {"prompt": swapped.prompt, "mapping": mapping,
-                                 "logprobs_corrects": sc, "logprobs_incorrects": si}
+                                 "logprobs_corrects": sc, "logprobs_incorrects": si,
+                                 "choice": choice([*sc, *si])}
+            result["choice_flips"] = result["original"]["choice"] != result["swapped"]["choice"]
             lc = [(x + y) / 2 for x, y in zip(lc, sc, strict=True)]
             li = [(x + y) / 2 for x, y in zip(li, si, strict=True)]
         result.update(logprobs_corrects=lc, logprobs_incorrects=li, correct=is_correct(lc, li))
@@ -343,10 +375,15 @@ def evaluate_mc(rows: Sequence[MCRow], config: MCConfig, *,
              if isinstance(v, int | float) and isinstance(before.get(k), int | float)}
     if model is None:
         lm.close()
+    flips = [r["choice_flips"] for r in results] if swaps else []
     return MCResult(accuracy=correct / len(results), correct=correct, n=len(results),
                     ci95=wilson_interval(correct, len(results)), rows=results,
                     seconds=time.perf_counter() - t0, stats=stats,
-                    config=config.model_dump())
+                    config=config.model_dump(), position_bias_rate=share(flips),
+                    order_agreement=share(not f for f in flips),
+                    mean_abs_p_a_minus_half=mean_abs_from_half(
+                        p_correct(r["logprobs_corrects"], r["logprobs_incorrects"])
+                        for r in results))
 
 
 def run_mc(data: str | Path, config: MCConfig, out: str | Path, *,

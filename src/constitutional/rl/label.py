@@ -25,6 +25,21 @@ follows the position, not the content. The position-bias rate is the share of su
 quantity Lee et al.'s RLAIF study reports; up to 56% for small labelers). A pair scoring exactly
 0.5 in either order is not counted as biased.
 
+Label quality
+-------------
+Besides the position-bias rate, the summary (and :class:`LabelResult`) reports
+
+* the **order agreement**: the share of pairs (scored in both orders) for which both orders
+  prefer the same *response* — P(response_a) > 0.5 in both, or < 0.5 in both, each averaged over
+  principles and before clamping. A labeller that reads the content agrees with itself near 1; a
+  coin flip agrees half the time; a labeller that always picks one position agrees never. Outside
+  exact ties, agreement and position bias add up to 1;
+* the **mean |p_a − 0.5|** (``mean_abs_p_a_minus_half``): how far the soft labels lean, 0 for
+  labels that are all 0.5 (a PM trained on them learns nothing), 0.5 for certain ones.
+
+:func:`label_quality` computes the three from label records (it reads only their
+``judgements``), for ``rl calibrate`` and the quality gates of ``cai run`` too.
+
 Prefix reuse
 ------------
 The few-shot block is sampled once per ensemble member ``k`` (which demonstrations, in which
@@ -38,7 +53,8 @@ Files in the run directory: ``label.config.json`` (pinned settings), ``label.rec
 (finished labels, appended a chunk at a time), and, written atomically at the end in pair order,
 ``labels.jsonl`` (one record per pair, below), ``preferences.jsonl`` (``prompt``/``chosen``/
 ``rejected`` in TRL's conversational format, with ``score`` = the soft probability that
-``chosen`` is preferred, and ``p_a``) and ``label.summary.json``.
+``chosen`` is preferred, and ``p_a``) and ``label.summary.json`` (the mean p_a and the
+label-quality figures above).
 
 A label record: ``id``, ``pair_id``, ``prompt`` (messages), ``response_a``, ``response_b``,
 ``p_a``, ``principle_ids``, ``judgements`` (per principle and order: ``principle``, ``k``,
@@ -72,6 +88,7 @@ from constitutional.core.io import (
 from constitutional.core.messages import coerce_messages
 from constitutional.core.progress import chunks, progress
 from constitutional.core.settings import Field, Settings
+from constitutional.core.stats import mean_abs_from_half, share
 from constitutional.models import BUILTIN_MODEL, LanguageModel, load_model
 from constitutional.rl.feedback import (
     ORDERS,
@@ -184,6 +201,8 @@ class LabelResult:
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    order_agreement: float | None = None  # None: one order only
+    mean_abs_p_a_minus_half: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,6 +219,35 @@ def clamp(p: float, bounds: Clamp) -> float:
 def is_position_biased(p_first_ab: float, p_first_ba: float) -> bool:
     """True when the same position wins in both orders (see the module docstring)."""
     return (p_first_ab - 0.5) * (p_first_ba - 0.5) > 0
+
+
+def orders_agree(p_first_ab: float, p_first_ba: float) -> bool:
+    """True when both orders prefer the same response: in order "ba" response_a is option (B),
+    so its probability there is 1 − P(A) (see "Label quality" in the module docstring)."""
+    return (p_first_ab - 0.5) * ((1.0 - p_first_ba) - 0.5) > 0
+
+
+def order_means(judgements: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
+    """A record's P(A) per order, averaged over its principles and before clamping: ``(ab, ba)``,
+    or None when it was scored in one order only."""
+    by_order = {o: [j["p_A"] for j in judgements if j.get("order") == o] for o in ORDERS}
+    if not all(by_order.values()):
+        return None
+    return ensemble(by_order["ab"]), ensemble(by_order["ba"])
+
+
+def label_quality(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The label-quality figures of label records: ``pairs_both_orders``,
+    ``position_bias_rate`` and ``order_agreement`` (None with one order), and
+    ``mean_abs_p_a_minus_half`` (see "Label quality" in the module docstring)."""
+    means = [order_means(r.get("judgements") or []) for r in records]
+    both = [m for m in means if m is not None]
+    return {
+        "pairs_both_orders": len(both),
+        "position_bias_rate": share(is_position_biased(*m) for m in both),
+        "order_agreement": share(orders_agree(*m) for m in both),
+        "mean_abs_p_a_minus_half": mean_abs_from_half(r["p_a"] for r in records),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +328,7 @@ def label(
                  "chain of thought" if config.cot else "direct answer")
         lm = model or load_model(config.feedback_model)
         before = lm.stats.to_dict()
-        labeller = _Labeller(lm, constitution, config)
+        labeller = Labeller(lm, constitution, config)
         todo = list(pending.items())
         with progress("labelling pairs", len(todo)) as advance:
             for chunk in chunks(todo, config.chunk_size):
@@ -294,15 +342,18 @@ def label(
     records = [r for r in records if r is not None]
     write_outputs(run.path, records, config, time.perf_counter() - t0, stats)
     biased = [r["position_biased"] for r in records if r["position_biased"] is not None]
+    quality = label_quality(records)
     return LabelResult(
         out=run.path, pairs=len(records), labelled=len(pending),
         position_bias_rate=sum(biased) / len(biased) if biased else None,
         mean_p_a=sum(r["p_a"] for r in records) / len(records),
         seconds=time.perf_counter() - t0, stats=stats, records=records,
+        order_agreement=quality["order_agreement"],
+        mean_abs_p_a_minus_half=quality["mean_abs_p_a_minus_half"],
     )
 
 
-class _Labeller:
+class Labeller:
     """Builds the questions of a chunk, asks the feedback model, assembles the records."""
 
     def __init__(self, lm: LanguageModel, constitution: Constitution, config: LabelConfig):
@@ -385,6 +436,7 @@ def write_outputs(out: Path, records: Sequence[dict[str, Any]], config: LabelCon
     atomic_write_jsonl(out / LABELS, records)
     atomic_write_jsonl(out / PREFERENCES, preference_rows(records))
     biased = [r["position_biased"] for r in records if r["position_biased"] is not None]
+    quality = label_quality(records)
     summary = {
         "pairs": len(records),
         "feedback_model": config.feedback_model,
@@ -392,6 +444,11 @@ def write_outputs(out: Path, records: Sequence[dict[str, Any]], config: LabelCon
         "position_bias_rate": sum(biased) / len(biased) if biased else None,
         "position_bias_definition": "share of pairs whose principle-averaged, unclamped P(A) "
                                     "is on the same side of 0.5 in both orders",
+        "order_agreement": quality["order_agreement"],
+        "order_agreement_definition": "share of pairs for which both orders prefer the same "
+                                      "response (principle-averaged, unclamped)",
+        "mean_abs_p_a_minus_half": quality["mean_abs_p_a_minus_half"],
+        "pairs_both_orders": quality["pairs_both_orders"],
         "seconds_this_call": seconds,
         "model_stats_this_call": stats,
     }
