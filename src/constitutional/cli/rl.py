@@ -1,9 +1,11 @@
 """``cai rl …``: the RL-CAI stages, in the paper's order: ``sample`` two answers per prompt,
-``label`` them with AI feedback, train the preference model (``pm``), then ``ppo`` (the paper)
-or ``dpo`` (offline, lighter). ``rl train --algo ppo|dpo`` is kept for one release."""
+``label`` them with AI feedback (``calibrate``: how often that labelling agrees with people),
+train the preference model (``pm``), then ``ppo`` (the paper) or ``dpo`` (offline, lighter). ``rl train --algo ppo|dpo`` is kept for one
+release."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +25,7 @@ from constitutional.cli.options import (
 )
 from constitutional.core.errors import UserError
 from constitutional.prompts.selection import PromptSelection
+from constitutional.rl.calibrate import CalibrateConfig
 from constitutional.rl.dpo import DPOStageConfig
 from constitutional.rl.label import LabelConfig
 from constitutional.rl.ppo import PPOConfig
@@ -79,12 +82,7 @@ def label_cmd(
     from constitutional.models import load_model
     from constitutional.rl.label import label, load_pairs
 
-    extra = list(ctx.args)
-    if extra and "clamp" not in values:
-        raise UserError(f"unexpected argument {extra[0]!r}")
-    if extra:
-        values["clamp"] = " ".join([values["clamp"], *extra])
-    config = of(LabelConfig, values)
+    config = of(LabelConfig, _with_clamp(values, ctx))
     rows = load_pairs(pairs)
     ray = ray_options(values, device)
     if ray is not None:
@@ -115,6 +113,61 @@ def quality_line(bias: float | None, agreement: float | None, margin: float | No
     lean = "n/a" if margin is None else f"{margin:.3f}"
     return (f"position-bias rate {_pct(bias)} · order agreement {_pct(agreement)} · "
             f"mean |p_a − 0.5| {lean}")
+
+
+def _with_clamp(values: dict[str, Any], ctx: typer.Context) -> dict[str, Any]:
+    """``--clamp LO HI``: typer takes LO, the HI comes as an extra argument."""
+    extra = list(ctx.args)
+    if extra and "clamp" not in values:
+        raise UserError(f"unexpected argument {extra[0]!r}")
+    if extra:
+        values["clamp"] = " ".join([values["clamp"], *extra])
+    return values
+
+
+@settings_command(rl_app, "calibrate", CalibrateConfig,
+                  context_settings={"allow_extra_args": True})  # the HI of `--clamp LO HI`
+def calibrate_cmd(
+    values: dict[str, Any],
+    ctx: typer.Context,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Directory for the rows and the summary (resumable); default "
+                      "runs/calibrate/<data name>.")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """The feedback model's accuracy on human-labelled comparisons, asked exactly as `rl label`
+    asks: does it prefer the response people chose?"""
+    from constitutional.models import load_model
+    from constitutional.rl.calibrate import SUMMARY, calibrate
+
+    config = of(CalibrateConfig, _with_clamp(values, ctx))
+    target = out_dir or Path("runs") / "calibrate" / Path(config.data).stem
+    lm = load_model(config.feedback_model, **model_options(device)) if device else None
+    result = calibrate(config, target, model=lm)
+    s = result.summary
+    lo, hi = result.ci95
+    ties = f", {s['ties']} ties counted as half" if s["ties"] else ""
+    print_line(f"accuracy {s['accuracy']:.3f} ({s['correct']}/{s['n']} prefer the human-chosen "
+               f"response{ties}), 95% CI [{lo:.3f}, {hi:.3f}] (Wilson) · "
+               f"{config.feedback_model} · {config.data}")
+    if s["verdict"] == "at chance":
+        print_line("at chance: the interval contains 0.5, so this feedback model agrees with "
+                   "people no more often than a coin flip: its labels carry no measurable signal")
+    elif s["verdict"] == "below chance":
+        print_line("below chance: the interval is below 0.5, so this feedback model prefers the "
+                   "responses people rejected")
+    print_line(quality_line(s["position_bias_rate"], s["order_agreement"],
+                            s["mean_abs_p_a_minus_half"]))
+    if s["n_skipped"]:
+        first = s["skipped"][0]
+        where = f"line {first['line']}" + (f" field {first['field']!r}" if first["field"] else "")
+        print_line(f"skipped {s['n_skipped']} row(s) that could not be used (first: {where}: "
+                   f"{first['reason']}); all are listed in the summary")
+    err_console.print(f"[dim]{result.labelled} comparisons labelled "
+                      f"({len(result.rows) - result.labelled} already done) in "
+                      f"{s['seconds_this_call']:.1f}s[/]")
+    print_line(f"per-row results → {result.out / 'calibrate.jsonl'} · summary → "
+               f"{result.out / SUMMARY}")
 
 
 @settings_command(rl_app, "pm", PMConfig, names={**OUT, "model": ["--model", "-m"]})
