@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from constitutional.cli import main
+from constitutional.core.stats import wilson_interval as _wilson
 from constitutional.evaluate.elo import PMJudge, run_elo
 from constitutional.evaluate.evasive import run_evasiveness
 from constitutional.evaluate.report import SECTION_FILES, _fmt, render_report, write_report
@@ -127,8 +128,8 @@ def test_report_has_every_section_with_plots_and_tables(run_dir: Path) -> None:
     for sid, body in sections.items():
         assert "Not run" not in body and 'class="error"' not in body, (sid, body[:500])
     images = {sid: body.count("<img ") for sid, body in sections.items()}
-    assert images == {"stages": 1, "elo": 1, "evasiveness": 1, "revision-curve": 1, "sl": 0,
-                      "labels": 2, "pm": 0, "ppo": 1, "answers": 0}
+    assert images == {"verdict": 0, "stages": 1, "elo": 1, "evasiveness": 1,
+                      "revision-curve": 1, "sl": 0, "labels": 2, "pm": 0, "ppo": 1, "answers": 0}
     for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
         png = base64.b64decode(data)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
@@ -164,6 +165,86 @@ def test_report_contents_match_the_results(run_dir: Path) -> None:
     assert "rl_train" in sections["stages"] and "394.1" in sections["stages"]  # the total
 
 
+# ------------------------------------------------------------------------------------------------
+# the verdict
+
+
+def _verdict_rows(section: str) -> dict[str, list[str]]:
+    """The verdict table's rows by figure name: [value, interval, what it says, note]."""
+    rows = {}
+    for tr in re.findall(r"<tr>(.*?)</tr>", section, re.DOTALL):
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)) for c in
+                 re.findall(r"<td[^>]*>(.*?)</td>", tr, re.DOTALL)]
+        if len(cells) >= 5:
+            rows[cells[-5]] = cells[-4:]
+    return rows
+
+
+def test_the_verdict_comes_first_and_says_when_labels_carry_no_signal(run_dir: Path) -> None:
+    page = render_report(run_dir)
+    assert re.findall(r'<section id="([a-z-]+)">', page)[0] == "verdict"
+    verdict = _sections(page)["verdict"]
+    # before any table: the first table of the page is the verdict's own
+    assert page.index('<section id="verdict">') < page.index("<table") < page.index(
+        '<section id="stages">')
+    summary = json.loads((run_dir / "rl" / "label.summary.json").read_text())
+    bias = summary["position_bias_rate"]
+    assert bias >= 0.9  # the random tiny feedback model picks a position, not an answer
+    assert "The AI labels carry no signal" in verdict
+    assert html.escape(f"in {bias:.0%} of pairs the feedback model preferred the same position",
+                       quote=True) in verdict
+    rows = _verdict_rows(verdict)
+    assert rows["position-bias rate"][0] == _fmt(bias)
+    assert rows["position-bias rate"][2] == "no signal (≥ 0.9)"
+    assert rows["order agreement"][0] == _fmt(summary["order_agreement"])
+    assert rows["mean |p_a − 0.5|"][0] == _fmt(summary["mean_abs_p_a_minus_half"])
+    # the synthetic pm.json has no eval_rows: an accuracy without an interval
+    assert rows["held-out accuracy"][:3] == ["0.710", "–", "no interval"]
+    elo = json.loads((run_dir / "eval" / "elo.json").read_text())["harmless"]["elo"]
+    assert rows["harmless Elo, rl-cai − initial"][0] == _fmt(
+        elo["rl-cai"]["elo"] - elo["initial"]["elo"], 1)
+    assert "not an independent judge" not in verdict  # judged by another PM than the run's
+
+
+def test_verdict_of_a_run_judged_by_its_own_pm(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "pm" / "pm.json").write_text(json.dumps({"metrics": {"eval_accuracy": 0.5,
+                                                                "eval_rows": 8}}))
+    elo = json.loads((run / "eval" / "elo.json").read_text())
+    for kind in ("harmless", "helpful"):
+        elo[kind]["judge"] = {"type": "pm", "pm": f"pm:{run / 'pm'}"}
+    (run / "eval" / "elo.json").write_text(json.dumps(elo))
+    (run / "calibrate").mkdir()
+    (run / "calibrate" / "calibrate.summary.json").write_text(json.dumps({
+        "data": "harmless-base/test.jsonl", "n": 40, "accuracy": 0.525,
+        "ci95": list(_wilson(21, 40))}))
+    verdict = _sections(render_report(run))["verdict"]
+    rows = _verdict_rows(verdict)
+    lo, hi = _wilson(4, 8)
+    assert rows["held-out accuracy"][:3] == ["0.500", f"[{_fmt(lo)}, {_fmt(hi)}]", "at chance"]
+    assert "The preference model is at chance" in verdict
+    assert rows["calibration accuracy"][2] == "at chance"
+    assert "The feedback model is at chance on human comparisons" in verdict
+    assert "not an independent judge" in rows["harmless Elo, rl-cai − initial"][3]
+    assert "the preference model the policy was trained against" in verdict
+
+
+def test_verdict_of_labels_with_signal(tmp_path: Path) -> None:
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "label.summary.json").write_text(json.dumps({
+        "pairs": 200, "pairs_both_orders": 200, "position_bias_rate": 0.1,
+        "order_agreement": 0.9, "mean_abs_p_a_minus_half": 0.21}))
+    (tmp_path / "calibrate").mkdir()
+    (tmp_path / "calibrate" / "calibrate.summary.json").write_text(json.dumps({
+        "data": "h.jsonl", "n": 100, "accuracy": 0.8, "ci95": list(_wilson(80, 100))}))
+    verdict = _sections(render_report(tmp_path))["verdict"]
+    assert "Warning" not in verdict and "Every measured stage carried signal." in verdict
+    rows = _verdict_rows(verdict)
+    assert rows["position-bias rate"][2] == "below 0.9"
+    assert rows["order agreement"][2] == rows["calibration accuracy"][2] == "above chance"
+
+
 def test_missing_and_broken_files_never_crash(tmp_path: Path, run_dir: Path) -> None:
     page = render_report(tmp_path)  # an empty run directory
     sections = _sections(page)
@@ -178,6 +259,10 @@ def test_missing_and_broken_files_never_crash(tmp_path: Path, run_dir: Path) -> 
     (broken / "sl" / "revise.traces.jsonl").unlink()
     sections = _sections(write_report(broken).read_text())
     assert "Could not build this section: JSONDecodeError" in sections["elo"]
+    # the verdict shows what it can read and says which stage it could not
+    assert "Elo</th>" in sections["verdict"] and "could not be read (JSONDecodeError" in \
+        sections["verdict"]
+    assert "position-bias rate" in sections["verdict"]
     assert "Could not build this section: TypeError" in sections["evasiveness"]
     assert "1 unreadable line(s) in rl/labels.jsonl" in sections["labels"]
     assert "<img " in sections["labels"]  # the readable labels still plot
@@ -393,6 +478,18 @@ def test_report_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
         browser.events.clear()
         session = browser.open(report.as_uri())
         assert browser.evaluate("document.title", session).startswith("Constitutional AI report")
+        # the verdict is the first thing on the page, above every table, and warns
+        assert browser.evaluate("document.querySelector('main section').id", session) == "verdict"
+        assert browser.evaluate("document.querySelector('table').closest('section').id",
+                                session) == "verdict"
+        assert browser.evaluate(
+            "[...document.querySelectorAll('section:not(#verdict), section:not(#verdict) table')]"
+            ".every(e => e.getBoundingClientRect().top > "
+            "document.querySelector('#verdict ul.warnings').getBoundingClientRect().bottom)",
+            session)
+        warning = browser.evaluate("document.querySelector('#verdict ul.warnings').innerText",
+                                   session)
+        assert warning.startswith("Warning: The AI labels carry no signal: in 100% of pairs")
         sizes = browser.evaluate(IMAGES_DECODED, session)
         assert len(sizes) == 7 and all(w > 100 and h > 100 for w, h in sizes), sizes
         text = browser.evaluate("document.body.innerText", session)

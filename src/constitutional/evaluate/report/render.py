@@ -33,12 +33,14 @@ from constitutional.evaluate.report.rundir import NotRun, RunDir
 from constitutional.evaluate.report.samples import build_answers, build_labels, build_sl
 from constitutional.evaluate.report.sections import SECTION_FILES, TITLES
 from constitutional.evaluate.report.values import fmt, is_number
+from constitutional.evaluate.report.verdict import build_verdict
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 #: Each section's builder: run directory → the data its template shows (in page order).
 SECTIONS: dict[str, Callable[[RunDir], Any]] = {
+    "verdict": build_verdict,  # first: before any table
     "stages": build_stages,
     "elo": build_elo,
     "evasiveness": build_evasiveness,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SECTION_FILES: dict[str, tuple[str, ...]] = {
+    "verdict": ("run.json", "rl/label.summary.json", "calibrate/calibrate.summary.json",
+                "pm/pm.json", "eval/elo.json", "eval/evasiveness.json"),
     "stages": ("run.json",),
     "elo": ("eval/elo.json",),
     "evasiveness": ("eval/evasiveness.json",),
@@ -20,6 +22,7 @@ SECTION_FILES: dict[str, tuple[str, ...]] = {
     "answers": ("eval/answers.jsonl",),
 }
 TITLES = {
+    "verdict": "Verdict: did each stage carry signal?",
     "stages": "Wall time per stage",
     "elo": "Elo: harmlessness and helpfulness",
     "evasiveness": "Evasiveness",

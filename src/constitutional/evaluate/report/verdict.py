@@ -1,0 +1,347 @@
+"""The report's first section, the verdict: did each stage carry signal?
+
+A figure that cannot be told apart from chance is the most important thing a run can say, and
+the easiest to miss in tables of results. So before any table, the report states for each stage
+its deciding figures with their 95% intervals, a verdict per figure, and a warning in plain words
+wherever a figure is at chance:
+
+* **AI labels** (``rl/label.summary.json``, ``calibrate/calibrate.summary.json``, run.json's
+  ``gates``): the position-bias rate (no signal at or above ``gates.max_position_bias``, as the
+  quality gate of :mod:`constitutional.rl.gates` decides), the order agreement (at chance when its
+  Wilson interval contains 0.5), the mean |p_a − 0.5|, and, when the run calibrated the feedback
+  model on human comparisons, its accuracy there with its interval;
+* **preference model** (``pm/pm.json``; ``pm/eval/*.summary.json`` from ``cai eval pm``): the
+  held-out accuracy with a Wilson interval, at chance when it contains 50%;
+* **Elo** (``eval/elo.json``): the final checkpoint against the initial model, harmlessness first,
+  with the bootstrap interval of the difference, and whether the judge is the run's own PM (the
+  one PPO was trained against: not an independent judge);
+* **evasiveness** (``eval/evasiveness.json``): the final checkpoint's refusal rate against the
+  initial model's, with their intervals.
+
+Each stage is read on its own: a file that is missing leaves its stage out, and one that cannot
+be read says so in its row, never failing the panel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from constitutional.core.stats import NO_SIGNAL_POSITION_BIAS, chance_verdict, wilson_interval
+from constitutional.evaluate.report.rundir import NotRun, RunDir
+from constitutional.evaluate.report.sections import SECTION_FILES
+from constitutional.evaluate.report.values import num
+
+GOOD, BAD, WARN, NONE = "good", "bad", "warn", ""
+
+
+@dataclass
+class Figure:
+    """One measured figure: its value, its 95% interval (None: none), and what it says."""
+
+    name: str
+    value: Any
+    interval: tuple[float, float] | None
+    verdict: str
+    kind: str = NONE  # good | bad | warn | "" (the verdict's colour)
+    note: str = ""
+    digits: int = 3  # shown with this many decimals
+
+
+@dataclass
+class StageVerdict:
+    stage: str
+    verdict: str  # signal | no signal | at chance | …
+    kind: str
+    figures: list[Figure] = field(default_factory=list)
+
+
+@dataclass
+class VerdictData:
+    headline: str
+    kind: str
+    warnings: list[str]
+    stages: list[StageVerdict]
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _ci(lo: float, hi: float, digits: int = 2) -> str:
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _rate_interval(rate: float | None, n: Any) -> tuple[float, float] | None:
+    """The Wilson interval of a rate over ``n`` items (None without a count)."""
+    if rate is None or not isinstance(n, int) or n <= 0:
+        return None
+    return wilson_interval(round(rate * n), n)
+
+
+def _chance(interval: tuple[float, float] | None, chance: float = 0.5) -> tuple[str, str]:
+    if interval is None:
+        return "no interval", NONE
+    verdict = chance_verdict(interval, chance)
+    return verdict, {"above chance": GOOD, "at chance": WARN, "below chance": BAD}[verdict]
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages
+
+
+def _labels(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    if not run.exists("rl/label.summary.json"):
+        return None
+    summary = run.json("rl/label.summary.json")
+    state = run.json("run.json") if run.exists("run.json") else {}
+    gates = state.get("gates") if isinstance(state, dict) else None
+    gates = gates if isinstance(gates, dict) else {}
+    threshold = num(gates.get("max_position_bias")) or NO_SIGNAL_POSITION_BIAS
+    n = summary.get("pairs_both_orders", summary.get("pairs"))
+    figures, no_signal = [], False
+    bias = num(summary.get("position_bias_rate"))
+    if bias is not None:
+        no_signal = bias >= threshold
+        figures.append(Figure(
+            "position-bias rate", bias, _rate_interval(bias, n),
+            f"no signal (≥ {threshold:g})" if no_signal else f"below {threshold:g}",
+            BAD if no_signal else GOOD,
+            "share of pairs where the same position (A or B) won in both orders"))
+        if no_signal:
+            warnings.append(
+                f"The AI labels carry no signal: in {_pct(bias)} of pairs the feedback model "
+                f"preferred the same position (A or B) in both orders, whatever the answers said "
+                f"(position-bias rate {bias:.2f} ≥ {threshold:g}). Everything trained on these "
+                f"labels — the preference model and the RL policy — learned the order of the "
+                f"answers, not their content.")
+    agreement = num(summary.get("order_agreement"))
+    if agreement is not None:
+        interval = _rate_interval(agreement, n)
+        verdict, kind = _chance(interval)
+        figures.append(Figure("order agreement", agreement, interval, verdict, kind,
+                              "share of pairs where both orders picked the same response"))
+        if verdict != "above chance" and interval is not None:
+            warnings.append(
+                f"The two orders agree no more often than a coin flip: both orders picked the "
+                f"same response for {_pct(agreement)} of pairs (95% CI {_ci(*interval)}), so a "
+                f"label says little about which answer is better.")
+    lean = num(summary.get("mean_abs_p_a_minus_half"))
+    if lean is not None:
+        figures.append(Figure("mean |p_a − 0.5|", lean, None, "", NONE,
+                              "how far the soft labels lean: 0 = all 0.5, 0.5 = certain"))
+    calibration = _calibration(run, warnings)
+    if calibration is not None:
+        figures.append(calibration)
+        no_signal = no_signal or calibration.kind != GOOD
+    if not figures:
+        return StageVerdict("AI labels", "not measured", NONE)
+    if no_signal:
+        return StageVerdict("AI labels", "no signal", BAD, figures)
+    signal = bias is not None or calibration is not None
+    return StageVerdict("AI labels", "signal" if signal else "not measured",
+                        GOOD if signal else NONE, figures)
+
+
+def _calibration(run: RunDir, warnings: list[str]) -> Figure | None:
+    if not run.exists("calibrate/calibrate.summary.json"):
+        return None
+    s = run.json("calibrate/calibrate.summary.json")
+    acc, ci = num(s.get("accuracy")), s.get("ci95")
+    if acc is None or not isinstance(ci, list) or len(ci) != 2:
+        return None
+    interval = (float(ci[0]), float(ci[1]))
+    verdict, kind = _chance(interval)
+    if verdict != "above chance":
+        warnings.append(
+            f"The feedback model is {verdict} on human comparisons: it preferred the response "
+            f"people chose in {_pct(acc)} of {s.get('n')} (95% CI {_ci(*interval)}"
+            f"{' contains 50%' if verdict == 'at chance' else ''}), so its labels do not "
+            f"measurably agree with people.")
+    return Figure("calibration accuracy", acc, interval, verdict, kind,
+                  f"prefers the human-chosen response, on {s.get('n')} comparisons from "
+                  f"{Path(str(s.get('data', '?'))).name}")
+
+
+def _pm(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    if not run.exists("pm/pm.json"):
+        return None
+    data = run.json("pm/pm.json")
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    metrics = metrics if isinstance(metrics, dict) else {}
+    figures = []
+    acc, n = num(metrics.get("eval_accuracy")), metrics.get("eval_rows")
+    if acc is not None:
+        interval = _rate_interval(acc, n)
+        verdict, kind = _chance(interval)
+        figures.append(Figure("held-out accuracy", acc, interval, verdict, kind,
+                              f"on {n if n is not None else '?'} held-out comparisons labelled "
+                              f"like the training ones (agreement with the labels)"))
+        if verdict == "at chance":
+            warnings.append(
+                f"The preference model is at chance: its held-out accuracy {_pct(acc)} (95% CI "
+                f"{_ci(*interval)}) contains 50%, so its preferences are indistinguishable from "
+                f"a coin flip on comparisons it was not trained on.")
+    for file in sorted((run.path / "pm" / "eval").glob("*.summary.json")):
+        s = run.json(str(file.relative_to(run.path)))
+        ci = s.get("ci95") if isinstance(s, dict) else None
+        if num(s.get("accuracy")) is None or not isinstance(ci, list) or len(ci) != 2:
+            continue
+        interval = (float(ci[0]), float(ci[1]))
+        verdict, kind = _chance(interval)
+        name = Path(str(s.get("data", file.name))).name
+        figures.append(Figure(f"accuracy on {name}", s["accuracy"], interval, verdict, kind,
+                              f"cai eval pm, {s.get('n')} comparisons"))
+        if verdict == "at chance":
+            warnings.append(f"The preference model is at chance on {name}: accuracy "
+                            f"{_pct(s['accuracy'])}, 95% CI {_ci(*interval)} contains 50%.")
+    return _stage("Preference model", figures)
+
+
+def _stage(name: str, figures: list[Figure]) -> StageVerdict:
+    if not figures:
+        return StageVerdict(name, "not measured", NONE)
+    if any(f.kind == BAD for f in figures):
+        return StageVerdict(name, "no signal", BAD, figures)
+    if any(f.kind == WARN for f in figures):
+        return StageVerdict(name, "at chance", WARN, figures)
+    if all(f.kind == GOOD for f in figures):
+        return StageVerdict(name, "signal", GOOD, figures)
+    return StageVerdict(name, "not measured", NONE, figures)
+
+
+def _own_pm(run: RunDir, judge: Any) -> bool:
+    """Whether the Elo judge is this run's PM (``pm:RUN/pm``)."""
+    if not isinstance(judge, dict) or judge.get("type") != "pm":
+        return False
+    path = Path(str(judge.get("pm", "")).removeprefix("pm:"))
+    if path.is_absolute():
+        return path.resolve() == (run.path / "pm").resolve()
+    return path.parts[-1:] == ("pm",) and (
+        (Path.cwd() / path).resolve() == (run.path / "pm").resolve()
+        or path.parts[-2:-1] == (run.path.resolve().name,))
+
+
+def _elo_figure(kind: str, result: dict[str, Any]) -> tuple[Figure, str, str] | None:
+    elo = result.get("elo")
+    names = [n for n in (result.get("checkpoints") or list(elo or {})) if n in (elo or {})]
+    if len(names) < 2:
+        return None
+    initial = "initial" if "initial" in names else names[0]
+    final = names[-1] if names[-1] != initial else names[-2]
+    diff = (num(elo[final].get("elo")) or 0.0) - (num(elo[initial].get("elo")) or 0.0)
+    lo, hi = num(elo[final].get("ci_low")), num(elo[final].get("ci_high"))
+    interval = (lo, hi) if result.get("anchor") == initial and None not in (lo, hi) else None
+    if interval is None:
+        verdict, colour = "no interval", NONE
+    elif interval[0] > 0:
+        verdict, colour = f"{final} better", GOOD
+    elif interval[1] < 0:
+        verdict, colour = f"{final} worse", BAD
+    else:
+        verdict, colour = "no measurable difference (CI contains 0)", WARN
+    wins = (result.get("win_rate") or {}).get(final, {}).get(initial)
+    note = f"bootstrap over {result.get('n_prompts')} prompts" + (
+        f"; P({final} beats {initial}) = {wins:.2f}" if isinstance(wins, float) else "")
+    return (Figure(f"{kind} Elo, {final} − {initial}", diff, interval, verdict, colour, note, 1),
+            final, initial)
+
+
+def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    if not run.exists("eval/elo.json"):
+        return None
+    data = run.json("eval/elo.json")
+    figures = []
+    for kind in ("harmless", "helpful"):
+        result = data.get(kind) if isinstance(data, dict) else None
+        found = _elo_figure(kind, result) if isinstance(result, dict) else None
+        if found is None:
+            continue
+        figure, final, initial = found
+        if _own_pm(run, result.get("judge")):
+            figure.note += ("; judged by this run's PM, the one the RL policy was trained "
+                            "against: not an independent judge")
+            if kind == "harmless":
+                warnings.append(
+                    f"The Elo judge is the preference model the policy was trained against, so "
+                    f"it is not independent: {final} is rated by the reward it was optimised "
+                    f"for. Use another judge (eval.judge: a feedback model) for evidence.")
+        figures.append(figure)
+        if figure.kind == WARN and kind == "harmless" and figure.interval is not None:
+            warnings.append(
+                f"{final} is not measurably more harmless than {initial}: harmlessness Elo "
+                f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} contains 0.")
+    return _stage("Elo", figures)
+
+
+def _evasiveness(run: RunDir) -> StageVerdict | None:
+    if not run.exists("eval/evasiveness.json"):
+        return None
+    data = run.json("eval/evasiveness.json")
+    table = data.get("checkpoints") if isinstance(data, dict) else None
+    rows = {k: v for k, v in (table or {}).items() if isinstance(v, dict) and "rate" in v}
+    if len(rows) < 2:
+        return _stage("Evasiveness", [])
+    names = list(rows)
+    initial = "initial" if "initial" in rows else names[0]
+    final = names[-1] if names[-1] != initial else names[-2]
+    ci = {n: (num(rows[n].get("ci_low")), num(rows[n].get("ci_high"))) for n in (initial, final)}
+    figures = [Figure(f"refusal rate, {n}", rows[n]["rate"],
+                      ci[n] if None not in ci[n] else None, "", NONE,
+                      f"{rows[n].get('refusals')} of {rows[n].get('n')} {data.get('kind', '')} "
+                      f"prompts") for n in (initial, final)]
+    (a_lo, a_hi), (b_lo, b_hi) = ci[initial], ci[final]
+    if None in (a_lo, a_hi, b_lo, b_hi):
+        return StageVerdict("Evasiveness", "not measured", NONE, figures)
+    if b_lo > a_hi:
+        return StageVerdict("Evasiveness", f"{final} more evasive", BAD, figures)
+    if b_hi < a_lo:
+        return StageVerdict("Evasiveness", f"{final} less evasive", GOOD, figures)
+    return StageVerdict("Evasiveness", "no measurable change (the intervals overlap)", NONE,
+                        figures)
+
+
+# ------------------------------------------------------------------------------------------------
+# the panel
+
+
+def _safely(name: str, build: Any, *args: Any) -> StageVerdict | None:
+    """A stage's verdict, or a row saying why its files could not be read."""
+    try:
+        return build(*args)
+    except Exception as err:  # noqa: BLE001 - one unreadable file must not hide the others
+        return StageVerdict(name, f"could not be read ({type(err).__name__}: {err})", BAD)
+
+
+def _headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
+    state = run.json("run.json") if run.exists("run.json") else {}
+    gates = state.get("gates") if isinstance(state, dict) else None
+    labels = next((s for s in stages if s.stage == "AI labels"), None)
+    if isinstance(gates, dict) and gates.get("status") == "fail":
+        stopped = (f"The run stopped before the {gates.get('before', 'pm')} stage: the quality "
+                   f"gate found that the AI labels carry no signal (gates.mode: strict).")
+        return stopped, BAD
+    if labels is not None and labels.kind == BAD:
+        noise = ("The AI labels carry no signal, so the stages trained on them (the preference "
+                 "model, the RL policy) learned from noise: read every figure below with that in "
+                 "mind.")
+        return noise, BAD
+    weak = [s.stage for s in stages if s.kind in (BAD, WARN)]
+    if weak:
+        return f"At chance or worse: {', '.join(weak)}. See the warnings below.", WARN
+    if stages and all(s.kind == GOOD for s in stages):
+        return "Every measured stage carried signal.", GOOD
+    return "Not every stage could be judged; the figures measured so far are below.", NONE
+
+
+def build_verdict(run: RunDir) -> VerdictData:
+    if not any(run.exists(f) for f in SECTION_FILES["verdict"] if f != "run.json"):
+        raise NotRun("rl/label.summary.json")
+    warnings: list[str] = []
+    stages = [_safely(name, build, *args) for name, build, args in (
+        ("AI labels", _labels, (run, warnings)), ("Preference model", _pm, (run, warnings)),
+        ("Elo", _elo, (run, warnings)), ("Evasiveness", _evasiveness, (run,)))]
+    found = [s for s in stages if s is not None]
+    headline, kind = _headline(run, found)
+    return VerdictData(headline, kind, warnings, found)
