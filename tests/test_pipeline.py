@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from constitutional.config import RunConfig, load_config
 from constitutional.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION = ROOT / "tests" / "fixtures" / "calibrate" / "hh_harmless_small.jsonl"
 SMALL = ["red_team_limit=8", "helpful_limit=8", "eval.prompts=3", "eval.bootstrap=50",
          "rl.rollout_batch=4", "rl.minibatch=2", "rl.steps=2", "revise.max_new_tokens=24",
          "revise.critique_max_new_tokens=16", "sample.max_new_tokens=16",
@@ -35,6 +37,8 @@ def test_shipped_configs_load():
     assert demo.revise.revisions <= 2 and demo.red_team_limit == 32
     assert paper.revise.revisions == 4 and paper.label.cot and paper.label.clamp == [0.4, 0.6]
     assert paper.rl.algo == "ppo"
+    assert demo.gates.mode == "warn" and demo.gates.max_position_bias == 0.9
+    assert demo.gates.calibration is None
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -51,6 +55,10 @@ def test_config_errors_name_the_key(tmp_path):
     assert err.value.field == "revise"
     c = load_config(None, ["rl.learning_rate=1", "label.clamp=[0.3, 0.7]", "device=null"])
     assert c.rl.learning_rate == 1.0 and c.label.clamp == [0.3, 0.7] and c.device is None
+    assert load_config(None, ["gates.mode=off"]).gates.mode == "off"  # YAML's `off` is false
+    with pytest.raises(UserError) as err:
+        load_config(None, ["gates.max_position_bias=1.5"])
+    assert err.value.field == "gates.max_position_bias" and "at most 1" in str(err.value)
 
 
 def test_cai_run_unknown_key_is_one_line_exit_2(capsys):
@@ -89,6 +97,62 @@ def test_pipeline_runs_skips_and_redoes_what_changed(tiny_model_dir, tmp_path, c
     assert "ppo: up to date" not in err and "eval: up to date" not in err
     log = [json.loads(x) for x in (run / "ppo" / "ppo_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_quality_gates_strict_stops_before_pm_warn_goes_on(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    demo = str(ROOT / "configs" / "demo.yaml")
+    calibration = [f"gates.calibration={CALIBRATION}", "gates.calibration_limit=6"]
+    # strict: the tiny feedback model's labels carry no signal, so the run stops before the PM
+    assert main(["run", demo, "--out", str(run),
+                 *sets(tiny_model_dir, *calibration, "gates.mode=strict")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    bias = json.loads((run / "rl" / "label.summary.json").read_text())["position_bias_rate"]
+    calibrated = json.loads((run / "calibrate" / "calibrate.summary.json").read_text())
+    assert err[-1].startswith("error: quality gate: the AI labels carry no signal: ")
+    assert "stopped before the pm stage (gates.mode: strict" in err[-1]
+    assert f"position-bias rate {bias:.2f} ≥ gates.max_position_bias 0.9" in err[-1]
+    assert not (run / "pm").exists() and not (run / "ppo").exists()
+    state = json.loads((run / "run.json").read_text())
+    assert [s for s, e in state["stages"].items() if e["status"] == "done"] == [
+        "revise", "sl_train", "sample", "label", "calibrate"]
+    assert (state["gates"]["status"], state["gates"]["signal"]) == ("fail", False)
+    checks = {c["check"]: c for c in state["gates"]["checks"]}
+    assert checks["position_bias_rate"]["value"] == bias and bias >= 0.9
+    assert calibrated["n"] == 6 and checks["calibration_accuracy"]["ci95"] == calibrated["ci95"]
+    assert state["stages"]["calibrate"]["accuracy"] == calibrated["accuracy"]
+    page = (run / "report.html").read_text()  # written, so that its verdict says why
+    assert page.index('<section id="verdict">') < page.index("<table")
+    assert "The run stopped before the pm stage" in page
+    # warn: the same run goes on from the PM (nothing before it is redone), with one warning
+    assert main(["run", demo, "--out", str(run), *sets(tiny_model_dir, *calibration)]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "quality gate" in line]
+    assert len(warned) == 1 and warned[0].startswith("WARNING quality gate: the AI labels carry "
+                                                     "no signal: position-bias rate")
+    for name in ("revise", "sl_train", "sample", "label", "calibrate"):
+        assert f"{name}: up to date, skipped" in captured.err
+    log = (run / "run.log").read_text()
+    assert "WARNING quality gate: the AI labels carry no signal" in log
+    state = json.loads((run / "run.json").read_text())
+    assert state["gates"]["status"] == "warn" and state["gates"]["before"] == "pm"
+    assert state["stages"]["eval"]["status"] == "done" and (run / "pm" / "pm.json").exists()
+    assert re.search(r"^\s*gates\s+│\s+warn\s+│\s+│\s+the AI labels carry", captured.out,
+                     re.MULTILINE), captured.out  # a row of the final table
+    # off: no check, no warning, no entry, and nothing redone
+    assert main(["run", demo, "--out", str(run), *sets(tiny_model_dir, "gates.mode=off")]) == 0
+    captured = capsys.readouterr()
+    assert "quality gate" not in captured.err and "gates" not in json.loads(
+        (run / "run.json").read_text())
+    assert "pm: up to date, skipped" in captured.err and "eval: up to date" in captured.err
+
+
+def test_a_missing_calibration_file_stops_the_run_at_once(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--set", "gates.calibration=nope.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "field 'gates.calibration': calibration data not found" in err[0]
+    assert not (run / "sl").exists()
 
 
 def test_pipeline_resumes_after_a_kill(tiny_model_dir, tmp_path):

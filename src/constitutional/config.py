@@ -25,6 +25,7 @@ from constitutional.core.settings import (
 )
 from constitutional.models import BUILTIN_MODEL
 from constitutional.rl.dpo import DPOSettings
+from constitutional.rl.gates import GateSettings
 from constitutional.rl.label import LabelSettings
 from constitutional.rl.ppo import PPOSettings
 from constitutional.rl.preference import PMSettings
@@ -106,6 +107,7 @@ class RunConfig(Settings):
     rl: RLSection = Field(default_factory=RLSection)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """``cai run CONFIG.yaml``: every stage of Constitutional AI into one run directory.
 
-    revise → sl_train → sample → label → pm → ppo (and/or dpo) → eval → report
+    revise → sl_train → sample → label → [calibrate] → (gates) → pm → ppo (and/or dpo) → eval
+    → report
 
 Layout of ``RUN``::
 
@@ -9,6 +10,8 @@ Layout of ``RUN``::
     run.log            the log of every call
     sl/                `sl revise` (traces, SFT and preference sets); sl/model = the SL-CAI model
     rl/                `rl sample` (pairs.jsonl) and `rl label` (labels, preferences)
+    calibrate/         `rl calibrate` on gates.calibration (when set): the feedback model's
+                       accuracy on human-labelled comparisons
     pm/                the preference model (pm.json: held-out accuracy)
     ppo/  dpo/         the RL-CAI policies (ppo_log.jsonl: reward and KL per step)
     eval/              answers.jsonl, elo.json, evasiveness.json, revision_curve.json
@@ -19,6 +22,17 @@ stages it reads from, and the content of the files it reads. A stage whose finge
 unchanged and whose outputs are complete is skipped. A stage that was interrupted resumes (the
 generation stages per record, the training stages from their checkpoints). A stage whose
 fingerprint changed is redone from scratch, and so is everything after it.
+
+**Quality gates** (``gates:``, :mod:`constitutional.rl.gates`). The ``calibrate`` stage, after
+``label`` and only when ``gates.calibration`` names human-labelled comparisons, asks the feedback
+model the labelling question about them (``cai rl calibrate``); it has its own directory and
+fingerprint, so the label stage and everything downstream are unchanged by it. The gates
+themselves are no stage: a stage is skipped when it is up to date, but a gate must hold on every
+call (a strict re-run must stop again) and changing ``gates.mode`` must redo nothing. So once per
+call, before the first of the ``pm``, ``ppo`` and ``dpo`` stages, the pipeline reads
+``rl/label.summary.json`` and ``calibrate/calibrate.summary.json``, records the verdict in
+run.json (``gates``) and, when the labels carry no signal, logs one WARNING line (``warn``) or
+stops with one error line (``strict``; what was written stays, and the report is written).
 """
 
 from __future__ import annotations
@@ -36,10 +50,21 @@ from typing import Any
 from constitutional.config import RunConfig
 from constitutional.core.errors import UserError
 from constitutional.core.io import JsonlStore, atomic_write_text, stable_hash
+from constitutional.rl.gates import GATED_STAGES
 
 log = logging.getLogger(__name__)
 
 STATE = "run.json"
+CALIBRATION_SUMMARY = "calibrate.summary.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object written by a stage, or None when there is none (or it cannot be read)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def file_digest(path: Path) -> str:
@@ -125,6 +150,7 @@ class Pipeline:
                   lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
                                **cfg.label.model_dump()},
                   ["rl/pairs.jsonl"], ["sample"], _label),
+            *self._calibrate_stage(),
             Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
                   lambda cfg: {**common(cfg), **cfg.pm.model_dump()},
                   ["rl/preferences.jsonl"], ["label"], _pm),
@@ -150,6 +176,20 @@ class Pipeline:
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
 
+    def _calibrate_stage(self) -> list[Stage]:
+        """The calibration stage, when ``gates.calibration`` names data (and gates are on)."""
+        g = self.config.gates
+        if not g.calibration or g.mode == "off":
+            return []
+        data = Path(g.calibration).expanduser().resolve()
+        data = data / "preferences.jsonl" if data.is_dir() else data
+        return [Stage("calibrate", "calibrate", [f"calibrate/{CALIBRATION_SUMMARY}"],
+                      lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
+                                   **cfg.label.model_dump(), "data": str(data),
+                                   "limit": cfg.gates.calibration_limit,
+                                   "sample": cfg.gates.calibration_sample},
+                      [str(data)], ["label"], _calibrate)]
+
     def fingerprint(self, stage: Stage) -> str:
         ups = [self.state["stages"].get(u, {}).get("fingerprint") for u in stage.after]
         contents = [file_digest(self.p(i)) if self.p(i).exists() else None for i in stage.inputs]
@@ -169,10 +209,19 @@ class Pipeline:
             if name not in names and name != "report":
                 raise UserError(f"unknown stage {name!r}; stages: {', '.join(names)}, report",
                                 field="only")
+        for stage in self.stages:  # a missing calibration file is found now, not after hours
+            if stage.name == "calibrate" and not Path(stage.inputs[0]).is_file():
+                raise UserError("calibration data not found (expected HH-RLHF rows or a "
+                                "prompt/chosen/rejected JSONL file)", file=stage.inputs[0],
+                                field="gates.calibration")
         t_all = time.perf_counter()
+        gated = False
         for stage in self.stages:
             if only and stage.name not in only:
                 continue
+            if stage.name in GATED_STAGES and not gated:
+                gated = True
+                self.check_gates(stage.name)
             fp = self.fingerprint(stage)
             entry = self.state["stages"].get(stage.name, {})
             if entry.get("fingerprint") == fp and entry.get("status") == "done" \
@@ -218,6 +267,36 @@ class Pipeline:
         self.state["total_seconds_this_call"] = round(time.perf_counter() - t_all, 2)
         self.save_state()
         return self.state
+
+    def check_gates(self, before: str) -> dict[str, Any] | None:
+        """Evaluate the quality gates (see the module docstring) before stage ``before``: record
+        them in run.json, warn, or stop the run (strict)."""
+        from constitutional.rl.gates import evaluate_gates
+
+        g = self.config.gates
+        if g.mode == "off":
+            self.state.pop("gates", None)
+            return None
+        calibration = (_read_json(self.p(f"calibrate/{CALIBRATION_SUMMARY}"))
+                       if any(s.name == "calibrate" for s in self.stages) else None)
+        result = evaluate_gates(g, _read_json(self.p("rl/label.summary.json")), calibration)
+        result["before"] = before
+        self.state["gates"] = result
+        self.save_state()
+        if result["status"] == "warn":
+            log.warning("quality gate: %s. The %s stage and those after it go on (gates.mode: "
+                        "warn; strict stops here)", result["message"], before)
+        elif result["status"] == "fail":
+            try:
+                from constitutional.evaluate.report import write_report
+
+                write_report(self.root)  # its verdict says why the run stopped
+            except Exception as err:  # noqa: BLE001 - the gate's error is the one to report
+                log.debug("report not written: %s", err)
+            raise UserError(f"quality gate: {result['message']}; stopped before the {before} "
+                            f"stage (gates.mode: strict; what was written is kept, "
+                            f"gates.mode=warn goes on)")
+        return result
 
     def _drop_checkpoints(self, stage: Stage) -> None:
         """A finished training stage's resume checkpoints (weights and optimizer states: ~6 GB
@@ -306,7 +385,24 @@ def _label(pl: Pipeline) -> dict[str, Any]:
         result = ray_label(pairs, config, pl.p("rl"), options)
     else:
         result = label(pairs, config, pl.p("rl"), model=_model(pl.feedback_model, c))
-    return {"mean_p_a": result.mean_p_a, "position_bias_rate": result.position_bias_rate}
+    return {"mean_p_a": result.mean_p_a, "position_bias_rate": result.position_bias_rate,
+            "order_agreement": result.order_agreement,
+            "mean_abs_p_a_minus_half": result.mean_abs_p_a_minus_half}
+
+
+def _calibrate(pl: Pipeline) -> dict[str, Any]:
+    from constitutional.rl.calibrate import CalibrateConfig, calibrate
+
+    c, g = pl.config, pl.config.gates
+    config = CalibrateConfig(**c.label.model_dump(exclude={"feedback_model"}),
+                             feedback_model=pl.feedback_model, constitution=c.constitution,
+                             seed=c.seed, data=str(g.calibration), limit=g.calibration_limit,
+                             sample=g.calibration_sample)
+    result = calibrate(config, pl.p("calibrate"), model=_model(pl.feedback_model, c))
+    s = result.summary
+    return {"accuracy": s["accuracy"], "ci_low": s["ci95"][0], "ci_high": s["ci95"][1],
+            "n": s["n"], "verdict": s["verdict"], "position_bias_rate": s["position_bias_rate"],
+            "order_agreement": s["order_agreement"]}
 
 
 def _pm(pl: Pipeline) -> dict[str, Any]:

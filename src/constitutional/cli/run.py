@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from constitutional.cli.options import out
 from constitutional.core.log import err_console
@@ -69,6 +70,11 @@ def run_cmd(
                  if k not in ("fingerprint", "status", "seconds", "seconds_before")}
         table.add_row(name, entry.get("status", ""), f"{entry.get('seconds', 0):.1f}",
                       json.dumps(extra, default=str)[:120] if extra else "")
+    gates = state.get("gates")
+    if isinstance(gates, dict):  # the quality gates' verdict (constitutional.rl.gates)
+        status = gates.get("status", "")
+        table.add_row("gates", f"[bold red]{status}[/]" if status in ("warn", "fail") else status,
+                      "", Text(str(gates.get("message", ""))))
     out.print(table)
     out.print(f"report → {root / 'report.html'} · total {state['total_seconds_this_call']:.0f}s "
               f"this call", markup=False, highlight=False, soft_wrap=True)
