@@ -226,8 +226,16 @@ def test_verdict_of_a_run_judged_by_its_own_pm(run_dir: Path, tmp_path: Path) ->
     assert "The preference model is at chance" in verdict
     assert rows["calibration accuracy"][2] == "at chance"
     assert "The feedback model is at chance on human comparisons" in verdict
-    assert "not an independent judge" in rows["harmless Elo, rl-cai − initial"][3]
+    assert "the one PPO trained the policy against: not an independent judge" in rows[
+        "harmless Elo, rl-cai − initial"][3]
     assert "the preference model the policy was trained against" in verdict
+    # a feedback-model judge that is the labeller is no more independent
+    labeller = json.loads((run / "rl" / "label.summary.json").read_text())["feedback_model"]
+    for kind in ("harmless", "helpful"):
+        elo[kind]["judge"] = {"type": "feedback", "model": labeller}
+    (run / "eval" / "elo.json").write_text(json.dumps(elo))
+    verdict = _sections(render_report(run))["verdict"]
+    assert "judged by the feedback model that labelled the training data" in verdict
 
 
 def test_verdict_of_labels_with_signal(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ wherever a figure is at chance:
   held-out accuracy with a Wilson interval, at chance when it contains 50%;
 * **Elo** (``eval/elo.json``): the final checkpoint against the initial model, harmlessness first,
   with the bootstrap interval of the difference, and whether the judge is the run's own PM (the
-  one PPO was trained against: not an independent judge);
+  one PPO was trained against) or the feedback model that labelled the data: not an independent
+  judge;
 * **evasiveness** (``eval/evasiveness.json``): the final checkpoint's refusal rate against the
   initial model's, with their intervals.
 
@@ -223,6 +224,31 @@ def _own_pm(run: RunDir, judge: Any) -> bool:
         or path.parts[-2:-1] == (run.path.resolve().name,))
 
 
+def _judge_caveat(run: RunDir, judge: Any, final: str) -> tuple[str, str] | None:
+    """Why the Elo judge is not independent of what it judges (a short note and a warning), or
+    None when it is (as far as the run's files say)."""
+    advice = "Use another judge (eval.judge: a feedback model) for evidence."
+    if _own_pm(run, judge) and final == "rl-cai":
+        note = "judged by this run's PM, the one PPO trained the policy against"
+        warning = (f"The Elo judge is the preference model the policy was trained against, so "
+                   f"it is not independent: {final} is rated by the reward it was optimised "
+                   f"for. {advice}")
+    elif _own_pm(run, judge):
+        note = "judged by this run's PM, trained on the same AI labels as the policy"
+        warning = (f"The Elo judge is this run's preference model, trained on the same AI "
+                   f"labels as {final}, so it is not independent. {advice}")
+    else:
+        labels = run.json("rl/label.summary.json") if run.exists("rl/label.summary.json") else {}
+        labeller = labels.get("feedback_model") if isinstance(labels, dict) else None
+        if not (isinstance(judge, dict) and judge.get("type") == "feedback" and labeller
+                and str(judge.get("model")) == str(labeller)):
+            return None
+        note = "judged by the feedback model that labelled the training data"
+        warning = (f"The Elo judge is the feedback model that labelled the data {final} was "
+                   f"trained on, so it is not independent. Use another judge for evidence.")
+    return f"{note}: not an independent judge", warning
+
+
 def _elo_figure(kind: str, result: dict[str, Any]) -> tuple[Figure, str, str] | None:
     elo = result.get("elo")
     names = [n for n in (result.get("checkpoints") or list(elo or {})) if n in (elo or {})]
@@ -259,14 +285,11 @@ def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
         if found is None:
             continue
         figure, final, initial = found
-        if _own_pm(run, result.get("judge")):
-            figure.note += ("; judged by this run's PM, the one the RL policy was trained "
-                            "against: not an independent judge")
+        caveat = _judge_caveat(run, result.get("judge"), final)
+        if caveat:
+            figure.note += f"; {caveat[0]}"
             if kind == "harmless":
-                warnings.append(
-                    f"The Elo judge is the preference model the policy was trained against, so "
-                    f"it is not independent: {final} is rated by the reward it was optimised "
-                    f"for. Use another judge (eval.judge: a feedback model) for evidence.")
+                warnings.append(caveat[1])
         figures.append(figure)
         if figure.kind == WARN and kind == "harmless" and figure.interval is not None:
             warnings.append(
