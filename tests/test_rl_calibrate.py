@@ -145,3 +145,33 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path: Path, content: str | None,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "bad.jsonl" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# the quality gates' decision (cai run applies it: tests/test_pipeline.py)
+
+
+def test_gates_decide_from_position_bias_and_calibration() -> None:
+    from constitutional.rl.gates import GateSettings, evaluate_gates
+
+    warn, strict = GateSettings(), GateSettings(mode="strict", calibration="h.jsonl")
+    ok_labels = {"position_bias_rate": 0.3}
+    good = {"accuracy": 0.8, "n": 100, "ci95": list(wilson_interval(80, 100))}
+    coin = {"accuracy": 0.55, "n": 40, "ci95": list(wilson_interval(22, 40))}
+    worse = {"accuracy": 0.2, "n": 40, "ci95": list(wilson_interval(8, 40))}
+    passed = evaluate_gates(strict, ok_labels, good)
+    assert (passed["status"], passed["signal"]) == ("pass", True)
+    biased = evaluate_gates(warn, {"position_bias_rate": 0.9}, None)  # at the threshold
+    assert (biased["status"], biased["signal"]) == ("warn", False)
+    assert biased["message"].startswith("the AI labels carry no signal: position-bias rate 0.90")
+    at_chance = evaluate_gates(strict, ok_labels, coin)
+    assert at_chance["status"] == "fail" and "contains 0.5: at chance" in at_chance["message"]
+    assert "position-bias" not in at_chance["message"]  # only the failed check is named
+    below = evaluate_gates(strict, ok_labels, worse)
+    assert below["status"] == "fail" and "prefers the answers people rejected" in below["message"]
+    one_order = evaluate_gates(warn, {"position_bias_rate": None}, None)
+    assert (one_order["status"], one_order["signal"]) == ("not measured", None)
+    missing = evaluate_gates(strict, ok_labels, None)  # calibration asked for, not there
+    assert missing["status"] == "pass" and "not measured" in missing["message"]
+    lenient = GateSettings(max_position_bias=1.0)
+    assert evaluate_gates(lenient, {"position_bias_rate": 0.95}, None)["status"] == "pass"

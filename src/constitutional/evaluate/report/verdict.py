@@ -359,7 +359,7 @@ def _headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
 
 
 def build_verdict(run: RunDir) -> VerdictData:
-    if not any(run.exists(f) for f in SECTION_FILES["verdict"] if f != "run.json"):
+    if not any(run.exists(f) for f in SECTION_FILES["verdict"]):
         raise NotRun("rl/label.summary.json")
     warnings: list[str] = []
     stages = [_safely(name, build, *args) for name, build, args in (
