@@ -350,6 +350,10 @@ def _headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
                  "model, the RL policy) learned from noise: read every figure below with that in "
                  "mind.")
         return noise, BAD
+    if not stages:
+        nothing = ("Nothing to judge yet: none of the stages judged here (labelling, the "
+                   "preference model, the evaluation) has written its results.")
+        return nothing, NONE
     weak = [s.stage for s in stages if s.kind in (BAD, WARN)]
     if weak:
         return f"At chance or worse: {', '.join(weak)}. See the warnings below.", WARN
