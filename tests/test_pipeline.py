@@ -61,6 +61,23 @@ def test_config_errors_name_the_key(tmp_path):
     assert err.value.field == "gates.max_position_bias" and "at most 1" in str(err.value)
 
 
+def test_revise_critic_model_is_a_run_setting(tmp_path):
+    """`revise.critic_model` in a run's YAML; unset, the revise stage's fingerprint is what it
+    was before the setting existed (its settings hold no critic_model key)."""
+    from constitutional.pipeline import Pipeline
+
+    teacher = "builtin:qwen2.5-coder-1.5b-instruct"
+    c = load_config(ROOT / "configs" / "demo.yaml", [f"revise.critic_model={teacher}"])
+    assert c.revise.critic_model == teacher
+    plain = load_config(ROOT / "configs" / "demo.yaml")
+    revise = {p: next(s for s in Pipeline(cfg, tmp_path / p).stages if s.name == "revise")
+              for p, cfg in (("teacher", c), ("plain", plain))}
+    assert revise["teacher"].settings(c)["critic_model"] == teacher
+    assert "critic_model" not in revise["plain"].settings(plain)
+    assert Pipeline(c, tmp_path / "a").fingerprint(revise["teacher"]) != \
+        Pipeline(plain, tmp_path / "b").fingerprint(revise["plain"])
+
+
 def test_cai_run_unknown_key_is_one_line_exit_2(capsys):
     assert main(["run", "--set", "rl.nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

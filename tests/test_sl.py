@@ -215,3 +215,64 @@ def test_degenerate_outputs_are_detected() -> None:
     assert degenerate_reason("ha " * 40) == "repetitive"
     assert degenerate_reason("the same chunk again! " * 6) == "repetitive"
     assert degenerate_reason("A normal, useful answer about safety.") is None
+
+
+def test_critic_model_writes_critiques_and_revisions(prompt_file, tiny_model_dir, tmp_path) -> None:
+    """With --critic-model, the answers are the policy's and every critique and revision is the
+    critic's: each equals that model's own greedy output on its context (and differs from the
+    other model's, so the test tells them apart)."""
+    from constitutional.models import load_model
+    from constitutional.sl.prompts import Round
+    from constitutional.sl.revise import choose_few_shot
+
+    # two peaked tiny models (other seeds): greedy outputs that float rounding does not flip
+    policy_dir = make_tiny_llama(tmp_path / "policy", tiny_model_dir, initializer_range=0.6)
+    critic_dir = make_tiny_llama(tmp_path / "critic", tiny_model_dir, seed=1,
+                                 initializer_range=0.6)
+    config = small_config(prompt_file, policy_dir, tmp_path / "run", limit=3, temperature=0,
+                          critic_model=str(critic_dir))
+    result = revise(config, show_progress=False)
+    assert result.summary["critic_model"] == str(critic_dir)
+    policy, critic = load_model(str(policy_dir)), load_model(str(critic_dir))
+    few_shot = choose_few_shot(load_constitution("default"), 1, 0)
+
+    def own(lm, context, kind: str) -> str:
+        params = config.critique_params() if kind == "critique" else config.answer_params()
+        raw = lm.generate([context], params)[0]
+        return clean_revision(raw) if kind == "revision" else raw.strip()
+
+    steps = 0
+    for t in result.traces:
+        assert t["critic_model"] == str(critic_dir) and t["model"] == str(policy_dir)
+        conversation = t["prompt"]
+        context = build_context("chat", few_shot, conversation)
+        assert t["initial"] == own(policy, context, "answer") != own(critic, context, "answer")
+        done: list[Round] = []
+        for r in t["rounds"]:
+            for kind in ("critique", "revision"):
+                pending = (Round(r["critique_request"]) if kind == "critique" else
+                           Round(r["critique_request"], r["critique"], r["revision_request"]))
+                context = build_context("chat", few_shot, conversation, t["initial"],
+                                        [*done, pending])
+                assert r[kind] == own(critic, context, kind) != own(policy, context, kind)
+                steps += 1
+            done.append(Round(r["critique_request"], r["critique"], r["revision_request"],
+                              r["revision"]))
+    assert steps == 3 * 2 * 2
+
+
+def test_self_critique_records_are_unchanged_by_the_critic_setting(prompt_file, tiny_model_dir,
+                                                                   tmp_path) -> None:
+    """Without a critic, nothing new is pinned or traced: record ids stay what they were."""
+    config = small_config(prompt_file, tiny_model_dir, tmp_path / "run")
+    assert "critic_model" not in config.pinned()
+    with_critic = config.replace(critic_model=str(tiny_model_dir))
+    assert with_critic.pinned()["critic_model"] == str(tiny_model_dir)
+    from constitutional.core.io import stable_hash
+
+    assert stable_hash(config.pinned()) != stable_hash(with_critic.pinned())
+    pinned = config.model_dump()
+    pinned.pop("critic_model")
+    for k in ("out", "chunk_size", "sft_revisions"):
+        pinned.pop(k)
+    assert config.pinned() == pinned

@@ -138,7 +138,7 @@ class Pipeline:
             Stage("revise", "sl", ["sl/revise.traces.jsonl", "sl/revise.sft.jsonl"],
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, "constitution": cfg.constitution,
-                               **cfg.revise.model_dump()}, [], [], _revise),
+                               **cfg.revise.settings_dump()}, [], [], _revise),
             Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
                   lambda cfg: {**common(cfg), "helpful": cfg.helpful, **cfg.sl_train.model_dump()},
                   ["sl/revise.sft.jsonl"], ["revise"], _sl_train),
@@ -330,7 +330,8 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
 
         result = ray_revise(config, options)
     else:
-        result = revise(config, _model(c.model, c))
+        critic = _model(config.critic_model, c) if config.critic_model else None
+        result = revise(config, _model(c.model, c), critic=critic)
     s = result.summary
     return {k: s.get(k) for k in ("generated_tokens", "tokens_per_second")}
 

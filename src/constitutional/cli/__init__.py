@@ -1,6 +1,6 @@
 """The ``cai`` command line. One module per command group, mirroring ``cai --help``:
 
-* :mod:`.models` — ``cai generate``, ``cai models``;
+* :mod:`.models` — ``cai generate``, ``cai models [pull]``;
 * :mod:`.data` — ``cai constitution …``, ``cai prompts …``;
 * :mod:`.sl` — ``cai sl revise|train`` (SL-CAI);
 * :mod:`.rl` — ``cai rl sample|label|pm|ppo|dpo`` (RL-CAI);
@@ -21,7 +21,7 @@ import typer
 from constitutional import __version__
 from constitutional.cli.data import constitution_app, prompts_app
 from constitutional.cli.eval import eval_app, report_cmd
-from constitutional.cli.models import generate, models
+from constitutional.cli.models import generate, models_app
 from constitutional.cli.options import err_console, out
 from constitutional.cli.rl import rl_app
 from constitutional.cli.run import run_cmd
@@ -46,7 +46,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(generate)
-app.command()(models)
+app.add_typer(models_app, name="models")
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(sl_app, name="sl")

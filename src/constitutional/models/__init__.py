@@ -3,6 +3,7 @@
 Every command takes a model spec string:
 
 * ``builtin:smollm2-135m-instruct`` — the offline built-in model (see :mod:`.builtin`);
+* ``builtin:qwen2.5-coder-1.5b-instruct`` — the offline teacher, after ``cai models pull``;
 * a local model directory (``runs/sl/model``) — loaded with transformers;
 * a hub id (``HuggingFaceTB/SmolLM2-360M-Instruct``) — loaded with transformers, for online users;
 * ``hf:<dir or hub id>`` — the same, explicitly;
@@ -106,9 +107,12 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
     from constitutional.models.hf import HFModel
 
     if parsed.builtin:
-        from constitutional.models.builtin import ensure_checkpoint
+        from constitutional.models.builtin import ensure_checkpoint, marker
 
-        return HFModel(ensure_checkpoint(parsed.builtin), spec=spec, **options)
+        path = ensure_checkpoint(parsed.builtin)
+        if marker(parsed.builtin).get("dtype") == "bfloat16":  # converted so: this CPU has bf16
+            options.setdefault("dtype", "bfloat16")
+        return HFModel(path, spec=spec, **options)
     try:
         return HFModel(parsed.target, spec=spec, **options)
     except OSError as err:

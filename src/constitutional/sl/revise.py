@@ -14,6 +14,12 @@ computed. Sampling is seeded per prompt (see :class:`~constitutional.models.Samp
 a record's principles are drawn from ``(seed, prompt id, round)``, so a partly finished round is
 recomputed exactly as an uninterrupted run would have computed it.
 
+**A teacher** (``critic_model``, ``--critic-model``): by default the policy critiques and
+revises its own answers, as in the paper. With a critic model set, the policy writes only the
+initial answers and the critic every critique and revision, so the revisions the policy is then
+finetuned on are the teacher's: a distilled SL-CAI. The critic is recorded in the pinned
+settings and traces only when set, so self-critique runs keep their record ids.
+
 Outputs in the run directory (JSONL, loadable with ``datasets.load_dataset("json", …)``):
 
 * ``revise.traces.jsonl`` — one full trace per prompt: prompt id and messages, the initial
@@ -96,6 +102,18 @@ class ReviseSettings(Settings):
         "final", description="SFT rows from the final revision, or from all revisions as in "
                              "the paper.")
     chunk_size: int = Field(64, ge=1, description="Prompts per model call (and per write).")
+    critic_model: str | None = Field(
+        None, description="Model spec that writes the critiques and revisions (a teacher: a "
+                          "distilled SL-CAI); default: the policy critiques and revises its own "
+                          "answers, as in the paper.")
+
+    def settings_dump(self) -> dict[str, Any]:
+        """``model_dump()`` without ``critic_model`` when it is unset, so that the pinned
+        settings, record ids and fingerprints of self-critique runs stay what they were."""
+        d = self.model_dump()
+        if d.get("critic_model") is None:
+            d.pop("critic_model", None)
+        return d
 
 
 class ReviseConfig(ReviseSettings, PromptSelection):
@@ -114,7 +132,7 @@ class ReviseConfig(ReviseSettings, PromptSelection):
         return self
 
     def pinned(self) -> dict[str, Any]:
-        d = self.model_dump()
+        d = self.settings_dump()
         for k in ("out", "chunk_size", "sft_revisions"):
             d.pop(k)
         return d
@@ -215,12 +233,15 @@ def sample_principles(constitution: Constitution, seed: int, prompt_id: str,
 
 
 def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
-           show_progress: bool = True,
+           critic: LanguageModel | None = None, show_progress: bool = True,
            prompts: Sequence[PromptRecord] | None = None) -> ReviseResult:
     """Run (or resume) SL-CAI critique→revision generation into ``config.out``.
 
-    ``prompts`` replaces loading ``config.prompts`` (a shard of them, for a distributed run); the
-    record ids do not change. The model is loaded only when some step is still to compute.
+    ``model`` is ``config.model`` (the policy) already loaded; with ``config.critic_model`` set,
+    the policy writes only the initial answers and the critic (``critic``, the loaded
+    ``config.critic_model``) every critique and revision. ``prompts`` replaces loading
+    ``config.prompts`` (a shard of them, for a distributed run); the record ids do not change.
+    A model is loaded only when some step of its own is still to compute.
     """
     t_start = time.perf_counter()
     run = RunDir(config.out)
@@ -243,14 +264,14 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
     resumed = sum(len(r.steps) for r in records)
     if resumed:
         log.info("resuming: %d finished steps found in %s", resumed, run / STEPS_FILE)
-    steps_total = len(records) * len(_step_keys(config.revisions, config.critique))
-    lm = model or (load_model(config.model) if resumed < steps_total else None)
-    tokens_before, seconds_before = (lm.stats.generated_tokens, lm.stats.seconds) if lm else (0, 0)
-    step_counts = _run_steps(lm, config, few_shot, records, store, show_progress)
+    lm, critic_lm = _models(config, records, model, critic)
+    used = list({id(m): m for m in (lm, critic_lm) if m is not None}.values())
+    before = [(m.stats.generated_tokens, m.stats.seconds) for m in used]
+    step_counts = _run_steps((lm, critic_lm), config, few_shot, records, store, show_progress)
     traces = [_trace(rec, config, few_shot) for rec in records]
     _write_outputs(run, traces, config)
-    generated = lm.stats.generated_tokens - tokens_before if lm else 0
-    gen_seconds = lm.stats.seconds - seconds_before if lm else 0.0
+    generated = sum(m.stats.generated_tokens - t for m, (t, _) in zip(used, before, strict=True))
+    gen_seconds = sum(m.stats.seconds - sec for m, (_, sec) in zip(used, before, strict=True))
     degenerate = Counter(key.split(":")[0] for rec in records
                          for key, step_rec in rec.steps.items() if step_rec["degenerate"])
     summary = {
@@ -266,8 +287,24 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "model": lm.spec if lm else config.model,
     }
+    if config.critic_model is not None:
+        summary["critic_model"] = critic_lm.spec if critic_lm else config.critic_model
     atomic_write_text(run / SUMMARY_FILE, _json(summary))
     return ReviseResult(run.path, summary, traces)
+
+
+def _models(config: ReviseConfig, records: Sequence[_Record], model: LanguageModel | None,
+            critic: LanguageModel | None) -> tuple[LanguageModel | None, LanguageModel | None]:
+    """(policy, critic): the given or loaded models, each None when nothing is left for it; the
+    critic is the policy itself unless ``config.critic_model`` is set."""
+    keys = _step_keys(config.revisions, config.critique)
+    missing = {k.split(":")[0] for rec in records for k in keys if k not in rec.steps}
+    if config.critic_model is None:
+        lm = model or (load_model(config.model) if missing else None)
+        return lm, lm
+    lm = model or (load_model(config.model) if "answer" in missing else None)
+    critic_lm = critic or (load_model(config.critic_model) if missing - {"answer"} else None)
+    return lm, critic_lm
 
 
 def _load_records(store: JsonlStore, prompts: Sequence[PromptRecord],
@@ -286,9 +323,11 @@ def _load_records(store: JsonlStore, prompts: Sequence[PromptRecord],
     return records
 
 
-def _run_steps(lm: LanguageModel | None, config: ReviseConfig, few_shot: Sequence[Any],
-               records: list[_Record], store: JsonlStore, show_progress: bool) -> Counter[str]:
-    """Compute every missing step, a chunk of records at a time; the steps computed per kind."""
+def _run_steps(models: tuple[LanguageModel | None, LanguageModel | None], config: ReviseConfig,
+               few_shot: Sequence[Any], records: list[_Record], store: JsonlStore,
+               show_progress: bool) -> Counter[str]:
+    """Compute every missing step, a chunk of records at a time; the steps computed per kind.
+    ``models``: (the policy, for the answers; the critic, for critiques and revisions)."""
     step_counts: Counter[str] = Counter()
     progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err_console, disable=not show_progress,
@@ -307,7 +346,8 @@ def _run_steps(lm: LanguageModel | None, config: ReviseConfig, few_shot: Sequenc
                 chunk = [r for r in group if step not in r.steps]
                 if not chunk:
                     continue
-                assert lm is not None  # loaded whenever a step is still to compute
+                lm = models[0] if step == "answer" else models[1]
+                assert lm is not None  # loaded whenever a step of its own is still to compute
                 finished = _run_step(lm, config, few_shot, chunk, step)
                 store.append(finished)
                 for rec, step_rec in zip(chunk, finished, strict=True):
@@ -377,6 +417,7 @@ def _trace(rec: _Record, config: ReviseConfig, few_shot: Sequence[Any]) -> dict[
         "rounds": rounds,
         "final": final,
         "model": config.model,
+        **({"critic_model": config.critic_model} if config.critic_model is not None else {}),
         "constitution": config.constitution,
         "few_shot": [ex.id for ex in few_shot],
         "sampling": config.answer_params().to_dict(),
