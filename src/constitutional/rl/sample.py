@@ -42,9 +42,9 @@ PAIRS = "pairs.jsonl"
 class SampleSettings(Settings):
     """How ``rl sample`` answers each prompt, twice (``sample:`` in a run config)."""
 
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(256, ge=1, description="Tokens per answer at most.")
+    temperature: float = Field(1.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, description="Tokens per answer at most.")
     system: str | None = Field(None, description="System prompt for the policy.")
     chunk_size: int = Field(16, ge=1, description="Prompts generated and saved together.")
 

@@ -92,11 +92,11 @@ class ReviseSettings(Settings):
     tags: list[str] = Field(default_factory=list, description="Only principles with this tag "
                                                               "(repeatable).",
                             json_schema_extra={"cli": ["--tag"]})
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(256, ge=1, description="Tokens at most, for answers and "
+    temperature: float = Field(0.7, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.95, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, description="Tokens at most, for answers and "
                                                        "revisions.")
-    critique_max_new_tokens: int = Field(192, ge=1, description="Tokens at most, for "
+    critique_max_new_tokens: int = Field(192, description="Tokens at most, for "
                                                                 "critiques.")
     sft_revisions: Literal["final", "all"] = Field(
         "final", description="SFT rows from the final revision, or from all revisions as in "
@@ -128,7 +128,8 @@ class ReviseConfig(ReviseSettings, PromptSelection):
 
     @model_validator(mode="after")
     def _check_sampling(self) -> ReviseConfig:
-        self.answer_params()  # validates the sampling values together
+        self.answer_params()  # SamplingParams checks the sampling values (declared there)
+        self.critique_params()
         return self
 
     def pinned(self) -> dict[str, Any]:
