@@ -124,9 +124,8 @@ class Pipeline:
         c = self.config
         if c.executor == "local":
             return None
-        from constitutional.distributed import RayOptions, check_executor
+        from constitutional.distributed import RayOptions
 
-        check_executor(c.executor)
         return RayOptions(address=c.ray_address, num_actors=c.num_actors,
                           model_options={"device": c.device} if c.device else {})
 

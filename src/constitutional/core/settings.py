@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 
 from constitutional.core.errors import UserError
 
-__all__ = ["CLI_HIDDEN", "Field", "Settings", "pick", "user_error", "with_defaults"]
+__all__ = ["CLI_HIDDEN", "Field", "Settings", "user_error", "with_defaults"]
 
 S = TypeVar("S", bound="Settings")
 
@@ -136,10 +136,3 @@ def with_defaults(base: type[S], name: str, doc: str | None = None, **defaults: 
         info = base.model_fields[key]
         fields[key] = (info.annotation, FieldInfo.merge_field_infos(info, default=value))
     return create_model(name, __base__=base, __doc__=doc or base.__doc__, **fields)
-
-
-def pick(settings: BaseModel, target: type[BaseModel]) -> dict[str, Any]:
-    """The values of ``settings`` that ``target`` declares (for passing a YAML section on to a
-    stage's config)."""
-    names = set(target.model_fields)
-    return {k: v for k, v in settings.model_dump().items() if k in names}

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from constitutional.core.errors import UserError
 from constitutional.core.io import stable_hash
 from constitutional.core.settings import CLI_HIDDEN, Field, Settings
-
-#: ``--executor`` values: ``local`` (this process) or ``ray`` (Ray actors, local or a cluster).
-EXECUTORS = ("local", "ray")
 
 
 def shard_of(record_id: str, num_shards: int) -> int:
@@ -60,10 +56,3 @@ class RayOptions(Settings):
     @property
     def on_ray(self) -> bool:
         return self.executor == "ray"
-
-
-def check_executor(executor: str) -> str:
-    if executor not in EXECUTORS:
-        raise UserError(f"must be one of {', '.join(EXECUTORS)}, got {executor!r}",
-                        field="executor")
-    return executor
