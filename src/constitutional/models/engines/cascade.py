@@ -94,28 +94,30 @@ def cascade_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
             out_p, lse_p = flash(qp, pk[None], pv[None], scale=scale)
             out_p = out_p[0].view(kv_heads, rows, group * q, dim).transpose(0, 1)
             lse_p = lse_p[0].view(kv_heads, rows, group * q).transpose(0, 1)
-            both = torch.logaddexp(lse, lse_p)
+            both = torch.logaddexp(lse, lse_p)  # float32 (the kernel's log-sum-exp)
             out = (out * (lse - both).exp()[..., None]
-                   + out_p * (lse_p - both).exp()[..., None])
+                   + out_p * (lse_p - both).exp()[..., None]).to(query.dtype)
         out = out.reshape(rows, kv_heads, group, q, dim).reshape(rows, heads, q, dim)
         return out.transpose(1, 2).contiguous(), None
     qg = query.reshape(rows, kv_heads, group, dim) * scale
-    own = torch.matmul(qg, key.transpose(-1, -2)) + cascade.bias  # [rows, kv heads, group, cap]
+    # scores and softmax in float32 (as SDPA accumulates), products in the model's dtype;
+    # in float32 the casts are no-ops
+    own = torch.matmul(qg, key.transpose(-1, -2)).float() + cascade.bias  # [rows, kvh, group, cap]
     if prefix is None:
-        out = torch.matmul(torch.softmax(own, dim=-1), value)
+        out = torch.matmul(torch.softmax(own, dim=-1).to(value.dtype), value)
     else:
         pk, pv = prefix  # [kv heads, P, dim]
         flat = qg.transpose(0, 1).reshape(kv_heads, rows * group, dim)
-        shared = torch.matmul(flat, pk.transpose(-1, -2))  # [kv heads, rows*group, P]
+        shared = torch.matmul(flat, pk.transpose(-1, -2)).float()  # [kv heads, rows*group, P]
         top = torch.maximum(own.amax(dim=-1),
                             shared.amax(dim=-1).view(kv_heads, rows, group).transpose(0, 1))
         e_own = (own - top[..., None]).exp_()
         e_shared = (shared - top.transpose(0, 1).reshape(kv_heads, rows * group, 1)).exp_()
         denom = e_own.sum(dim=-1) + e_shared.sum(dim=-1).view(kv_heads, rows, group).transpose(0, 1)
-        out = torch.matmul(e_own, value) + torch.matmul(e_shared, pv).view(
-            kv_heads, rows, group, dim).transpose(0, 1)
+        out = torch.matmul(e_own.to(value.dtype), value).float() + torch.matmul(
+            e_shared.to(pv.dtype), pv).float().view(kv_heads, rows, group, dim).transpose(0, 1)
         out = out / denom[..., None]
-    return out.reshape(rows, 1, heads, dim), None
+    return out.to(query.dtype).reshape(rows, 1, heads, dim), None
 
 
 _registered = False
