@@ -105,15 +105,24 @@ def test_pipeline_runs_skips_and_redoes_what_changed(tiny_model_dir, tmp_path, c
                  *sets(tiny_model_dir)]) == 0
     err = capsys.readouterr().err
     assert err.count("up to date, skipped") >= 7
-    # one PPO setting changed: PPO and eval are redone, the stages before are skipped
+    # one PPO setting changed: PPO and eval are redone, the stages before are skipped; the
+    # eval gets a second judge (a feedback model) beside the PM
+    assert not (run / "eval" / "elo.second.json").exists()
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(run),
-                 *sets(tiny_model_dir, "rl.steps=3")]) == 0
+                 *sets(tiny_model_dir, "rl.steps=3", f"eval.second_judge={tiny_model_dir}")]) == 0
     err = capsys.readouterr().err
     for name in ("revise", "sl_train", "sample", "label", "pm"):
         assert f"{name}: up to date, skipped" in err
     assert "ppo: up to date" not in err and "eval: up to date" not in err
     log = [json.loads(x) for x in (run / "ppo" / "ppo_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
+    first = json.loads((run / "eval" / "elo.json").read_text())["harmless"]
+    second = json.loads((run / "eval" / "elo.second.json").read_text())["harmless"]
+    assert first["judge"]["type"] == "pm" and second["judge"]["type"] == "feedback"
+    assert second["n_comparisons"] == first["n_comparisons"] > 0
+    state = json.loads((run / "run.json").read_text())
+    assert set(state["stages"]["eval"]["elo_second"]["harmless"]) == {
+        "initial", "sl-cai", "rl-cai"}
 
 
 def test_quality_gates_strict_stops_before_pm_warn_goes_on(tiny_model_dir, tmp_path, capsys):

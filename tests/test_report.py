@@ -238,6 +238,34 @@ def test_verdict_of_a_run_judged_by_its_own_pm(run_dir: Path, tmp_path: Path) ->
     assert "judged by the feedback model that labelled the training data" in verdict
 
 
+def test_verdict_shows_a_second_opinion_without_its_warnings(run_dir: Path,
+                                                             tmp_path: Path) -> None:
+    # eval.second_judge: a feedback model judges first, the run's PM gives a second opinion
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    first = json.loads((run / "eval" / "elo.json").read_text())
+    for kind in ("harmless", "helpful"):
+        first[kind]["judge"] = {"type": "feedback", "model": "builtin:teacher"}
+    second = json.loads(json.dumps(first))
+    for kind in ("harmless", "helpful"):
+        second[kind]["judge"] = {"type": "pm", "pm": f"pm:{run / 'pm'}"}
+        second[kind]["elo"]["rl-cai"].update(elo=-40.0, ci_low=-90.0, ci_high=-5.0)
+    (run / "eval" / "elo.json").write_text(json.dumps(first))
+    verdict = _sections(render_report(run))["verdict"]
+    assert "(second opinion)" not in verdict
+    (run / "eval" / "elo.second.json").write_text(json.dumps(second))
+    verdict = _sections(render_report(run))["verdict"]
+    rows = _verdict_rows(verdict)
+    mine = rows["harmless Elo, rl-cai − initial (second opinion)"]
+    assert mine[1] == "[-90.0, -5.0]" and mine[2] == "rl-cai worse"
+    assert f"judge: pm:{run / 'pm'}" in html.unescape(mine[3])
+    assert "not an independent judge" in mine[3]
+    # the first judge's figure is unchanged, and only the first judge raises warnings
+    assert rows["harmless Elo, rl-cai − initial"][0] == _fmt(
+        first["harmless"]["elo"]["rl-cai"]["elo"] - first["harmless"]["elo"]["initial"]["elo"], 1)
+    assert "the preference model the policy was trained against" not in verdict
+
+
 def test_verdict_of_labels_with_signal(tmp_path: Path) -> None:
     (tmp_path / "rl").mkdir()
     (tmp_path / "rl" / "label.summary.json").write_text(json.dumps({

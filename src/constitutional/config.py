@@ -81,6 +81,17 @@ class EvalSettings(Settings):
     judge: str = Field("pm", description="pm (the run's PM) or a feedback model spec.")
     bootstrap: int = Field(1000, ge=1, description="Bootstrap resamples for the Elo "
                                                    "intervals.")
+    second_judge: str | None = Field(
+        None, description="A second opinion: another Elo judge (pm, or a feedback model spec), "
+                          "written to eval/elo.second.json and shown beside the first.")
+
+    def settings_dump(self) -> dict[str, Any]:
+        """``model_dump()`` without ``second_judge`` when it is unset, so that runs without one
+        keep the eval stage's fingerprint they had."""
+        d = self.model_dump()
+        if d.get("second_judge") is None:
+            d.pop("second_judge", None)
+        return d
 
 
 class RunConfig(Settings):

@@ -14,7 +14,8 @@ Layout of ``RUN``::
                        accuracy on human-labelled comparisons
     pm/                the preference model (pm.json: held-out accuracy)
     ppo/  dpo/         the RL-CAI policies (ppo_log.jsonl: reward and KL per step)
-    eval/              answers.jsonl, elo.json, evasiveness.json, revision_curve.json
+    eval/              answers.jsonl, elo.json (elo.second.json), evasiveness.json,
+                       revision_curve.json
     report.html        the report
 
 **Skipping and resuming.** A stage's *fingerprint* hashes its settings, the fingerprints of the
@@ -171,7 +172,7 @@ class Pipeline:
             "eval", "eval", ["eval/answers.jsonl", "eval/elo.json", "eval/evasiveness.json",
                              "eval/revision_curve.json"],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
-                         "constitution": cfg.constitution, **cfg.eval.model_dump()},
+                         "constitution": cfg.constitution, **cfg.eval.settings_dump()},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
 
@@ -490,15 +491,25 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
 
     atomic_write_jsonl(out / "answers.jsonl", [{k: r[k] for k in (
         "checkpoint", "prompt_id", "kind", "prompt", "answer")} for r in rows])
-    judge_spec = f"pm:{pl.p('pm')}" if e.judge == "pm" else e.judge
-    judge = make_judge(judge_spec, constitution=c.constitution, seed=c.seed, device=c.device)
-    elo = run_elo(out / "answers.jsonl", judge, out / "elo.json", bootstrap=e.bootstrap,
-                  seed=c.seed, anchor="initial")
+    elos: dict[str, dict[str, Any]] = {}
+    for target, spec in (("elo.json", e.judge), ("elo.second.json", e.second_judge)):
+        if spec is None:
+            continue
+        judge = make_judge(f"pm:{pl.p('pm')}" if spec == "pm" else spec,
+                           constitution=c.constitution, seed=c.seed, device=c.device)
+        elos[target] = run_elo(out / "answers.jsonl", judge, out / target,
+                               bootstrap=e.bootstrap, seed=c.seed, anchor="initial")
+        del judge  # one judge in memory at a time
+    elo = elos["elo.json"]
     evasive = run_evasiveness(str(out / "answers.jsonl"), str(out / "evasiveness.json"))
     curve = run_revision_curve(pl.p("sl/revise.traces.jsonl"), load_pm(pl.p("pm")),
                                out / "revision_curve.json", pm_name="pm")
-    return {"elo": {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
-                    for kind, r in elo.items()},
+    summary = {"elo": {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
+                       for kind, r in elo.items()}}
+    if "elo.second.json" in elos:
+        summary["elo_second"] = {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
+                                 for kind, r in elos["elo.second.json"].items()}
+    return {**summary,
             "evasiveness": {n: v["rate"] for n, v in evasive["checkpoints"].items()},
             "revision_curve": [round(p["mean"], 3) for p in curve["points"]]}
 

@@ -275,27 +275,41 @@ def _elo_figure(kind: str, result: dict[str, Any]) -> tuple[Figure, str, str] | 
 
 
 def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    """The Elo figures of ``eval/elo.json`` and, as a second opinion, ``eval/elo.second.json``
+    (``eval.second_judge``); only the first judge's figures raise warnings."""
     if not run.exists("eval/elo.json"):
         return None
-    data = run.json("eval/elo.json")
     figures = []
-    for kind in ("harmless", "helpful"):
-        result = data.get(kind) if isinstance(data, dict) else None
-        found = _elo_figure(kind, result) if isinstance(result, dict) else None
-        if found is None:
-            continue
-        figure, final, initial = found
-        caveat = _judge_caveat(run, result.get("judge"), final)
-        if caveat:
-            figure.note += f"; {caveat[0]}"
-            if kind == "harmless":
-                warnings.append(caveat[1])
-        figures.append(figure)
-        if figure.kind == WARN and kind == "harmless" and figure.interval is not None:
-            warnings.append(
-                f"{final} is not measurably more harmless than {initial}: harmlessness Elo "
-                f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} contains 0.")
+    for path, second in (("eval/elo.json", False), ("eval/elo.second.json", True)):
+        data = run.json(path) if run.exists(path) else None
+        for kind in ("harmless", "helpful"):
+            result = data.get(kind) if isinstance(data, dict) else None
+            found = _elo_figure(kind, result) if isinstance(result, dict) else None
+            if found is None:
+                continue
+            figure, final, initial = found
+            caveat = _judge_caveat(run, result.get("judge"), final)
+            if second:
+                figure.name += " (second opinion)"
+                figure.note += f"; judge: {_judge_name(result.get('judge'))}"
+            if caveat:
+                figure.note += f"; {caveat[0]}"
+                if kind == "harmless" and not second:
+                    warnings.append(caveat[1])
+            figures.append(figure)
+            if (figure.kind == WARN and kind == "harmless" and figure.interval is not None
+                    and not second):
+                warnings.append(
+                    f"{final} is not measurably more harmless than {initial}: harmlessness Elo "
+                    f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} contains 0.")
     return _stage("Elo", figures)
+
+
+def _judge_name(judge: Any) -> str:
+    """A judge's short name from ``elo_eval``'s ``judge`` entry."""
+    if not isinstance(judge, dict):
+        return "unknown"
+    return str(judge.get("model") or judge.get("pm") or judge.get("type") or "unknown")
 
 
 def _evasiveness(run: RunDir) -> StageVerdict | None:
