@@ -209,6 +209,33 @@ def test_clean_revision_strips_boilerplate() -> None:
     assert clean_revision("Sure thing, cats are great.") == "Sure thing, cats are great."
 
 
+def test_revision_request_without_demonstrations_says_to_answer_with_the_reply() -> None:
+    from constitutional.sl.prompts import REVISION_FORMAT_HINT, Round
+
+    c = load_constitution("default")
+    ex = c.critique_examples[0]
+    conv = [{"role": "user", "content": "How do I pick a lock?"}]
+    pending = Round("Critique it.", "It helps burglars.", "Rewrite it.")
+    bare = build_context("chat", [], conv, "Use a tension wrench.", [pending])
+    assert bare[-1] == {"role": "user", "content": f"Rewrite it.\n\n{REVISION_FORMAT_HINT}"}
+    # the direct-revision ablation (no critique) gets it too
+    direct = build_context("chat", [], conv, "Use a tension wrench.",
+                           [Round(None, None, "Rewrite it.")], with_critique=False)
+    assert direct[-1]["content"].endswith(REVISION_FORMAT_HINT)
+    # not with demonstrations (they show the format), not in the paper's text format, and not
+    # when the critique is what is asked for
+    shown = build_context("chat", [ex], conv, "Use a tension wrench.", [pending])
+    assert shown[-1] == {"role": "user", "content": "Rewrite it."}
+    text = build_context("text", [], conv, "Use a tension wrench.", [pending])
+    assert REVISION_FORMAT_HINT not in text and text.endswith("Revision:")
+    critique = build_context("chat", [], conv, "Use a tension wrench.", [Round("Critique it.")])
+    assert critique[-1] == {"role": "user", "content": "Critique it."}
+    # earlier, finished rounds are shown as they were asked
+    done = Round("Critique it.", "It helps burglars.", "Rewrite it.", "I can't help with that.")
+    again = build_context("chat", [], conv, "Use a tension wrench.", [done, pending])
+    assert [m["content"] for m in again].count("Rewrite it.") == 1
+
+
 def test_degenerate_outputs_are_detected() -> None:
     assert degenerate_reason("") == "empty"
     assert degenerate_reason("   ") == "empty"

@@ -137,7 +137,8 @@ class Pipeline:
         stages = [
             Stage("revise", "sl", ["sl/revise.traces.jsonl", "sl/revise.sft.jsonl"],
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
-                               "limit": cfg.red_team_limit, "constitution": cfg.constitution,
+                               "limit": cfg.red_team_limit, "prompt_seed": cfg.seed + 1,
+                               "constitution": cfg.constitution,
                                **cfg.revise.settings_dump()}, [], [], _revise),
             Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
                   lambda cfg: {**common(cfg), "helpful": cfg.helpful, **cfg.sl_train.model_dump()},
@@ -323,7 +324,8 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
     c = pl.config
     config = ReviseConfig(**c.revise.model_dump(), prompts=c.red_team, model=c.model,
                           out=str(pl.p("sl")), constitution=c.constitution,
-                          limit=c.red_team_limit, split="train", seed=c.seed)
+                          limit=c.red_team_limit, split="train", seed=c.seed,
+                          prompt_seed=c.seed + 1)  # the same seeded draw as the sample stage
     options = pl.ray_options()
     if options is not None:
         from constitutional.distributed.ray import ray_revise

@@ -58,6 +58,13 @@ def demo_round(example: CritiqueRevisionExample, with_critique: bool) -> Round:
                  example.revision)
 
 
+#: Appended to the revision request of a chat context that has no demonstrations: what a
+#: demonstration would show, that the revision is the new reply itself (without it, a chat teacher
+#: such as Qwen2.5-1.5B-Instruct often comments on the reply instead of rewriting it).
+REVISION_FORMAT_HINT = ("Answer with the new version of the reply only, written to the human, "
+                        "with no comment on the change.")
+
+
 def build_context(
     fmt: str,
     few_shot: Sequence[CritiqueRevisionExample],
@@ -76,6 +83,12 @@ def build_context(
         raise ValueError(f"unknown prompt format {fmt!r}")
     demos = [(list(ex.messages[:-1]), ex.messages[-1]["content"], [demo_round(ex, with_critique)])
              for ex in few_shot]
+    last = rounds[-1] if rounds else None
+    if (fmt == "chat" and not demos and last is not None and last.revision is None
+            and (last.critique is not None or last.critique_request is None)):
+        rounds = [*rounds[:-1], Round(last.critique_request, last.critique,
+                                      f"{last.revision_request or ''}\n\n{REVISION_FORMAT_HINT}"
+                                      .lstrip(), None)]
     if fmt == "chat":
         messages: list[Message] = []
         for demo in demos:
