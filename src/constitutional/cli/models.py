@@ -14,7 +14,8 @@ ModelOpt = Annotated[
     str,
     typer.Option(
         "--model", "-m",
-        help="Model spec: builtin:NAME, a model directory, a hub id, or openai:<base_url>#<model>.",
+        help="Model spec: builtin:NAME, a model directory, a hub id, openai:<base_url>#<model> "
+        "or vllm:<dir or hub id>.",
     ),
 ]
 
@@ -116,6 +117,6 @@ def _list_models() -> None:
     out.print(b)
     out.print(
         "Spec forms: builtin:NAME · path/to/model_dir · org/name (hub) · hf:DIR_OR_ID · "
-        "openai:<base_url>#<model>  (API key from $OPENAI_API_KEY)",
+        "openai:<base_url>#<model>  (API key from $OPENAI_API_KEY) · vllm:DIR_OR_ID (in-process vLLM)",
         markup=False,
     )

@@ -8,7 +8,9 @@ Every command takes a model spec string:
 * a hub id (``HuggingFaceTB/SmolLM2-360M-Instruct``) — loaded with transformers, for online users;
 * ``hf:<dir or hub id>`` — the same, explicitly;
 * ``openai:<base_url>#<model>`` — any OpenAI-compatible server (vLLM, SGLang, llama.cpp server,
-  ``transformers serve``, hosted APIs). The API key comes from ``$OPENAI_API_KEY``.
+  ``transformers serve``, hosted APIs). The API key comes from ``$OPENAI_API_KEY``;
+* ``vllm:<dir or hub id>`` (or ``vllm:builtin:NAME``) — vLLM in this process (the ``vllm`` extra,
+  see :mod:`.vllm`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ BACKENDS: dict[str, str] = {
     "hf": "transformers on CPU or CUDA: batched generate, one-pass scoring of single-token options",
     "openai": "any OpenAI-compatible server via the openai SDK: concurrency limit, retries, "
     "logprobs scoring (echo or top_logprobs)",
+    "vllm": "vLLM in this process (extra: constitutional-ai[vllm]): continuous batching, prefix "
+    "cache, scoring by token-id logprobs",
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -51,7 +55,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    backend: str  # "hf" or "openai"
+    backend: str  # "hf", "openai" or "vllm"
     target: str  # path / hub id / base_url
     model: str | None = None  # served model name (openai)
     builtin: str | None = None  # built-in name, when the spec is builtin:NAME
@@ -77,6 +81,13 @@ def parse_spec(spec: str) -> ModelSpec:
                 "e.g. openai:http://127.0.0.1:8000/v1#my-model"
             )
         return ModelSpec("openai", url.rstrip("/"), model=model)
+    if spec.startswith("vllm:"):
+        rest = spec.removeprefix("vllm:").strip()
+        if not rest or rest.startswith(("hf:", "openai:", "vllm:")):
+            raise UserError(f"bad vLLM spec {spec!r}; expected vllm:<model dir or hub id> "
+                            "or vllm:builtin:NAME")
+        inner = parse_spec(rest)
+        return ModelSpec("vllm", inner.target, builtin=inner.builtin)
     target = spec.removeprefix("hf:")
     path = Path(target).expanduser()
     if path.is_dir():
@@ -92,7 +103,7 @@ def parse_spec(spec: str) -> ModelSpec:
         raise UserError(f"model directory not found: {target}")
     raise UserError(
         f"unknown model spec {spec!r}; use builtin:NAME, a model directory, a hub id "
-        "(org/name), or openai:<base_url>#<model> (see `cai models`)"
+        "(org/name), openai:<base_url>#<model> or vllm:<dir or hub id> (see `cai models`)"
     )
 
 
@@ -103,6 +114,14 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
         from constitutional.models.openai import OpenAIModel
 
         return OpenAIModel(parsed.target, parsed.model or "", spec=spec, **options)
+    if parsed.backend == "vllm":
+        from constitutional.models.vllm import VLLMModel
+
+        if parsed.builtin:
+            from constitutional.models.builtin import ensure_checkpoint
+
+            return VLLMModel(ensure_checkpoint(parsed.builtin), spec=spec, **options)
+        return VLLMModel(parsed.target, spec=spec, **options)
 
     from constitutional.models.hf import HFModel
 

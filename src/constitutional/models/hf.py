@@ -54,6 +54,7 @@ from constitutional.models.base import (
     ModelStats,
     Prompt,
     SamplingParams,
+    TokenizerPrompts,
     normalize_options,
     sample_seed,
     truncate_at_stop,
@@ -185,7 +186,7 @@ class SeededSampler:
         return out.scatter_(-1, choice, 0.0)
 
 
-class HFModel(LanguageModel):
+class HFModel(TokenizerPrompts, LanguageModel):
     """A causal LM loaded with transformers from a local directory or a hub id."""
 
     #: ``score`` reads all options of a batch in one pass when the batch's context cache,
@@ -287,43 +288,6 @@ class HFModel(LanguageModel):
         layers, heads, head_dim = cascade.kv_shape(self.model)
         size = next(self.model.parameters()).element_size()
         return max(1, layers * 2 * heads * head_dim * size)
-
-    # ----------------------------------------------------------------------------------------
-    # Prompt rendering
-
-    def render(self, prompt: Prompt) -> str:
-        """The exact text the model sees for ``prompt`` (chat template applied to conversations)."""
-        if isinstance(prompt, str):
-            return prompt
-        if not self.tokenizer.chat_template:
-            raise UserError(
-                f"model {self.spec} has no chat template; give it raw text prompts instead"
-            )
-        cont = prompt[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
-        )
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        text = self.render(prompt)
-        # chat templates carry their own special tokens; raw text gets the tokenizer's defaults
-        return self.tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
-
-    def _continuation(self, context: Prompt, ctx_ids: list[int], option: str) -> list[int]:
-        """Token ids of ``option`` as it continues ``context``.
-
-        Encodes context+option together and takes the tail when the context's tokens are a prefix
-        of it (so merges across the boundary are respected); otherwise encodes the option alone.
-        """
-        full = self.tokenizer(
-            self.render(context) + option, add_special_tokens=isinstance(context, str)
-        )["input_ids"]
-        if full[: len(ctx_ids)] == ctx_ids and len(full) > len(ctx_ids):
-            return full[len(ctx_ids) :]
-        ids = self.tokenizer(option, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError(f"score: option {option!r} encodes to no tokens")
-        return ids
 
     # ----------------------------------------------------------------------------------------
     # Batching
