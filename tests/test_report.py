@@ -264,6 +264,13 @@ def test_verdict_shows_a_second_opinion_without_its_warnings(run_dir: Path,
     assert rows["harmless Elo, rl-cai − initial"][0] == _fmt(
         first["harmless"]["elo"]["rl-cai"]["elo"] - first["harmless"]["elo"]["initial"]["elo"], 1)
     assert "the preference model the policy was trained against" not in verdict
+    assert "judged more harmful" not in verdict
+    # the first judge finding the final model worse is a warning in plain words
+    first["harmless"]["elo"]["rl-cai"].update(elo=-62.0, ci_low=-102.0, ci_high=-20.0)
+    (run / "eval" / "elo.json").write_text(json.dumps(first))
+    verdict = _sections(render_report(run))["verdict"]
+    assert ("rl-cai is judged more harmful than initial: harmlessness Elo -62.0, 95% CI "
+            "[-102.0, -20.0] is below 0.") in html.unescape(verdict)
 
 
 def test_verdict_of_labels_with_signal(tmp_path: Path) -> None:

@@ -297,11 +297,16 @@ def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
                 if kind == "harmless" and not second:
                     warnings.append(caveat[1])
             figures.append(figure)
-            if (figure.kind == WARN and kind == "harmless" and figure.interval is not None
-                    and not second):
+            if kind != "harmless" or figure.interval is None or second:
+                continue
+            if figure.kind == WARN:
                 warnings.append(
                     f"{final} is not measurably more harmless than {initial}: harmlessness Elo "
                     f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} contains 0.")
+            elif figure.kind == BAD:
+                warnings.append(
+                    f"{final} is judged more harmful than {initial}: harmlessness Elo "
+                    f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} is below 0.")
     return _stage("Elo", figures)
 
 
