@@ -85,13 +85,7 @@ class EvalSettings(Settings):
         None, description="A second opinion: another Elo judge (pm, or a feedback model spec), "
                           "written to eval/elo.second.json and shown beside the first.")
 
-    def settings_dump(self) -> dict[str, Any]:
-        """``model_dump()`` without ``second_judge`` when it is unset, so that runs without one
-        keep the eval stage's fingerprint they had."""
-        d = self.model_dump()
-        if d.get("second_judge") is None:
-            d.pop("second_judge", None)
-        return d
+    omit_unset = ("second_judge",)  # runs without one keep their eval fingerprint
 
 
 class RunConfig(Settings):

@@ -502,16 +502,13 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
         elos[target] = run_elo(out / "answers.jsonl", judge, out / target,
                                bootstrap=e.bootstrap, seed=c.seed, anchor="initial")
         del judge  # one judge in memory at a time
-    elo = elos["elo.json"]
     evasive = run_evasiveness(str(out / "answers.jsonl"), str(out / "evasiveness.json"))
     curve = run_revision_curve(pl.p("sl/revise.traces.jsonl"), load_pm(pl.p("pm")),
                                out / "revision_curve.json", pm_name="pm")
-    summary = {"elo": {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
-                       for kind, r in elo.items()}}
-    if "elo.second.json" in elos:
-        summary["elo_second"] = {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
-                                 for kind, r in elos["elo.second.json"].items()}
-    return {**summary,
+    keys = {"elo.json": "elo", "elo.second.json": "elo_second"}
+    return {**{keys[target]: {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
+                              for kind, r in result.items()}
+               for target, result in elos.items()},
             "evasiveness": {n: v["rate"] for n, v in evasive["checkpoints"].items()},
             "revision_curve": [round(p["mean"], 3) for p in curve["points"]]}
 

@@ -91,6 +91,9 @@ class Settings(BaseModel):
 
     #: fields that may also be given by position, in this order (``LabelConfig("model")``)
     positional: ClassVar[tuple[str, ...]] = ()
+    #: fields added after runs were made: left out of :meth:`settings_dump` while unset (None),
+    #: so that those runs keep their record ids and stage fingerprints
+    omit_unset: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *args: Any, **data: Any) -> None:
         if len(args) > len(self.positional):
@@ -118,6 +121,14 @@ class Settings(BaseModel):
             if name in self.__dict__:  # a check across fields rejected it after it was set
                 self.__dict__[name] = before
             raise user_error(err) if isinstance(err, ValidationError) else err from None
+
+    def settings_dump(self) -> dict[str, Any]:
+        """``model_dump()`` without the :attr:`omit_unset` fields that are None."""
+        d = self.model_dump()
+        for name in self.omit_unset:
+            if d.get(name) is None:
+                d.pop(name, None)
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), for JSON and YAML."""

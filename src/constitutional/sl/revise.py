@@ -107,13 +107,8 @@ class ReviseSettings(Settings):
                           "distilled SL-CAI); default: the policy critiques and revises its own "
                           "answers, as in the paper.")
 
-    def settings_dump(self) -> dict[str, Any]:
-        """``model_dump()`` without ``critic_model`` when it is unset, so that the pinned
-        settings, record ids and fingerprints of self-critique runs stay what they were."""
-        d = self.model_dump()
-        if d.get("critic_model") is None:
-            d.pop("critic_model", None)
-        return d
+    # unset: the pinned settings, record ids and fingerprints of self-critique runs stay
+    omit_unset = ("critic_model",)
 
 
 class ReviseConfig(ReviseSettings, PromptSelection):
