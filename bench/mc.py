@@ -12,6 +12,8 @@ model (SmolLM2-135M-Instruct, float32, CPU), and read the same log-likelihoods:
   first ``--naive-rows`` rows (a rate, so a subset is enough).
 
 Two settings, one after the other in the same run: the raw prompt, and ``--chat --debias``.
+The raw setting also runs on the ``vllm`` backend in float32 and bfloat16 (child processes in
+the vLLM environment, see ``bench/_sides.py``), with its start-up and its verdicts against ours.
 Prints rows/s for both sides, the ratio and the agreement of the scores; timings are never
 asserted. Model load is excluded from both sides.
 
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _sides import run_side, vllm_python, write_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,6 +65,47 @@ def naive(lm, rows, chat: bool, debias: bool) -> tuple[list[list[float]], float]
     return out, time.perf_counter() - t0
 
 
+def run_mc(spec: str, dtype: str, data: Path, n: int | None) -> dict:
+    """Load ``spec`` in ``dtype`` and score the rows raw: start-up, seconds, the scores."""
+    from constitutional.evaluate.mc import MCConfig, evaluate_mc, load_mc
+    from constitutional.models import load_model
+
+    rows = load_mc(data, n)
+    t0 = time.perf_counter()
+    lm = load_model(spec, dtype=dtype)
+    startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = evaluate_mc(rows, MCConfig(spec), model=lm)
+    return {"startup": startup, "seconds": time.perf_counter() - t0,
+            "scores": [r["logprobs_corrects"] + r["logprobs_incorrects"] for r in result.rows],
+            "correct": [r["correct"] for r in result.rows]}
+
+
+def vllm_sides(args, fp32, naive_rate: float) -> None:
+    """The raw setting on the vllm backend (float32 and bfloat16), in the vLLM environment."""
+    py = vllm_python(args.vllm_python)
+    if py is None:
+        print("[raw, vllm] no environment with vLLM here (make test-vllm builds .venv-vllm)")
+        return
+    a = [r["logprobs_corrects"] + r["logprobs_incorrects"] for r in fp32.rows]
+    for dtype in ("float32", "bfloat16"):
+        got = run_side(py, "mc.py", ["--side", f"vllm:{BUILTIN}@{dtype}", "--data",
+                                     str(args.data)] + (["--rows", str(args.rows)]
+                                                        if args.rows else []))
+        if not got:
+            continue
+        n = len(got["scores"])
+        rate = n / got["seconds"]
+        deltas = sorted(abs(x - y) for u, v in zip(a, got["scores"], strict=True)
+                        for x, y in zip(u, v, strict=True))
+        same = sum(r["correct"] == c for r, c in zip(fp32.rows, got["correct"], strict=True))
+        print(f"[raw, vllm {dtype}] {n} rows in {got['seconds']:.1f}s = {rate:.3f} rows/s = "
+              f"{rate / naive_rate:.2f}x the naive loop; start-up {got['startup']:.1f}s "
+              f"({n / (got['seconds'] + got['startup']):.3f} rows/s with it); vs hf float32: "
+              f"same verdict on {same}/{n} rows, |delta log-likelihood| median "
+              f"{deltas[len(deltas) // 2]:.1e}, max {deltas[-1]:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -69,7 +113,14 @@ def main() -> None:
     parser.add_argument("--naive-rows", type=int, default=24)
     parser.add_argument("--bf16", action="store_true",
                         help="also time our path in bfloat16 and compare it with float32")
+    parser.add_argument("--vllm-python", help="the interpreter that has vLLM (default .venv-vllm)")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--side-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        spec, dtype = args.side.split("@")
+        write_side(args.side_out, run_mc(spec, dtype, args.data, args.rows))
+        return
     if not args.data.is_file():
         raise SystemExit(f"{args.data}: not found (the paper's HarmfulVsEthical.jsonl; pass "
                          "--data PATH)")
@@ -114,6 +165,8 @@ def main() -> None:
         print(f"[{mode}] ratio: ours / naive = {ours_rate / naive_rate:.2f}x{goal}")
         if args.bf16 and not chat:
             bf16(rows, result, naive_rate)
+        if not chat:
+            vllm_sides(args, result, naive_rate)
 
 
 def bf16(rows, fp32, naive_rate: float) -> None:

@@ -17,9 +17,13 @@ prompts, the same number of generated samples per step and the same generation l
   ``steps_per_generation = batch / minibatch``, ``num_iterations = --ppo-epochs``, no gradient
   accumulation, so both sides take ``ppo_epochs × batch / minibatch`` optimizer steps per rollout,
   each over ``--minibatch`` samples. TRL's KL coefficient ``beta`` is set to our ``kl_coef``, so both
-  sides compute reference log-probabilities. TRL runs in float32 without gradient checkpointing
-  (TRL's defaults are bf16 and gradient checkpointing; ours uses neither); its optimizer stays at
-  its default (fused AdamW).
+  sides compute reference log-probabilities. TRL runs without gradient checkpointing (its
+  default; ours uses none), in float32 and, as a second run, with ``bf16=True`` (its default:
+  autocast in generation and training); its optimizer stays at its default (fused AdamW).
+
+Our variants (``--value-train``): the default (full value model, rollouts in ``rollout_dtype:
+auto``, bfloat16 on CPUs with AVX512-BF16/AMX: generation alone in bf16, every log-probability
+and the training in float32), the same with float32 rollouts, and a value head alone.
 
 One step (a "rollout") = generate + score + update. The first step of each side is a warm-up and is
 not measured. Samples/s is wall-clock over the measured steps (between consecutive step ends). The
@@ -120,7 +124,7 @@ def split_row(name: str, steps: list[dict], batch: int, mean_len: float) -> dict
 
 
 def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: str,
-             value_train: str = "full") -> dict:
+             value_train: str = "full", rollout_dtype: str = "auto") -> dict:
     from constitutional.rl.ppo import PPOConfig, PPOTrainer
     from constitutional.rl.preference import load_pm
 
@@ -134,7 +138,7 @@ def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: 
                        rollout_batch=args.batch, minibatch=args.minibatch,
                        ppo_epochs=args.ppo_epochs, grad_accum=1, max_new_tokens=args.max_new_tokens,
                        kl_coef=args.kl_coef, save_steps=args.steps + 1, seed=args.seed,
-                       resume=False, value_train=value_train)
+                       resume=False, value_train=value_train, rollout_dtype=rollout_dtype)
     rewarder = TimedRewarder(load_pm(str(pm), device="cpu"))
     trainer = BenchPPO(config, rewarder=rewarder,
                        prompts=[p for g in groups for p in g])
@@ -156,7 +160,8 @@ def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: 
                       "time_update": r["time_update"], "logged_sps": r["samples_per_s"]})
     mean_len = statistics.fmean(r["response_len"] for r in rows[1:])
     label = "value model" if value_train == "full" else "value head only"
-    result = split_row(f"ours: PPO (policy + reference + {label})", steps, args.batch, mean_len)
+    dtype = str(trainer.generator.generate_dtype).removeprefix("torch.")
+    result = split_row(f"ours: PPO, {dtype} rollouts (+ {label})", steps, args.batch, mean_len)
     result["time_update"] = statistics.fmean(s["time_update"] for s in steps)
     result["logged_sps"] = statistics.fmean(s["logged_sps"] for s in steps)
     del trainer
@@ -168,7 +173,8 @@ def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: 
 # TRL
 
 
-def run_trl(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: str) -> dict:
+def run_trl(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: str,
+            bf16: bool = False) -> dict:
     from datasets import Dataset
     from transformers import (
         AutoModelForSequenceClassification,
@@ -226,7 +232,7 @@ def run_trl(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: s
     no_ckpt = "activation_checkpointing" if "activation_checkpointing" in Config.__dataclass_fields__ \
         else "gradient_checkpointing"
     config = Config(
-        output_dir=out, use_cpu=True, bf16=False, fp16=False, **{no_ckpt: False},
+        output_dir=out, use_cpu=True, bf16=bf16, fp16=False, **{no_ckpt: False},
         per_device_train_batch_size=args.minibatch, gradient_accumulation_steps=1,
         steps_per_generation=args.batch // args.minibatch, num_iterations=args.ppo_epochs,
         num_generations=args.generations, max_completion_length=args.max_new_tokens,
@@ -257,8 +263,8 @@ def run_trl(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: s
         steps.append({"wall": wall, "generate": gen, "score": pm_s, "other": exp - gen - pm_s,
                       "update": wall - exp})
     mean_len = statistics.fmean(n for ls in lengths[1:] for n in ls)
-    result = split_row(f"TRL {Base.__name__} (policy + reference, no value model)", steps,
-                       args.batch, mean_len)
+    result = split_row(f"TRL {Base.__name__}, {'bf16 autocast' if bf16 else 'float32'} "
+                       "(no value model)", steps, args.batch, mean_len)
     result["same_prompts"] = same
     del trainer
     gc.collect()
@@ -284,9 +290,14 @@ def main() -> None:
     ap.add_argument("--kl-coef", type=float, default=0.05, help="ours kl_coef = TRL beta")
     ap.add_argument("--trl", choices=("grpo", "rloo"), default="grpo")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--value-train", default="full,head",
-                    help="our value model variants to time: full (the whole PM-initialised value "
-                         "model learns, the default) and/or head (only its scalar head)")
+    ap.add_argument("--value-train", default="full,full@float32,head",
+                    help="our variants to time, VALUE[@ROLLOUT_DTYPE]: full (the whole "
+                         "PM-initialised value model learns, the default) or head (only its "
+                         "scalar head); rollouts in auto (the default: bfloat16 on CPUs with "
+                         "AVX512-BF16/AMX), float32 or bfloat16")
+    ap.add_argument("--trl-dtypes", default="float32,bfloat16",
+                    help="TRL runs: float32 and/or bfloat16 (TRL's own default, bf16=True: "
+                         "autocast in generation and training)")
     args = ap.parse_args()
     args.minibatch = args.minibatch or min(8, args.batch)
     if args.steps < 2:
@@ -334,30 +345,33 @@ def main() -> None:
               f"{transformers.__version__}, trl {trl.__version__}\n")
 
         variants = [v.strip() for v in args.value_train.split(",") if v.strip()]
-        runs = [run_ours(args, policy, pm, groups, str(Path(tmp) / f"ours-{v}"), v)
-                for v in variants]
-        theirs = run_trl(args, policy, pm, groups, str(Path(tmp) / "trl"))
+        runs = [run_ours(args, policy, pm, groups, str(Path(tmp) / f"ours-{k}"),
+                         *(v.split("@") if "@" in v else (v, "auto")))
+                for k, v in enumerate(variants)]
+        trls = [run_trl(args, policy, pm, groups, str(Path(tmp) / f"trl-{d}"), d == "bfloat16")
+                for d in args.trl_dtypes.split(",") if d.strip()]
     ours = runs[0]
 
     print(f"\n{'per step, seconds (mean over measured steps)':<56}{'generate':>9}{'score':>8}"
           f"{'other':>8}{'update':>8}{'total':>8}{'samples/s':>11}{'len':>6}")
-    for r in (*runs, theirs):
+    for r in (*runs, *trls):
         print(f"{r['name']:<56}{r['generate']:>9.2f}{r['score']:>8.2f}{r['other']:>8.2f}"
               f"{r['update']:>8.2f}{r['step']:>8.2f}{r['samples_per_s']:>11.2f}"
               f"{r['mean_len']:>6.1f}")
-    for r in (*runs, theirs):
+    for r in (*runs, *trls):
         parts = {k: r[k] / r["step"] for k in ("generate", "score", "other", "update")}
-        print(f"  {r['name'].split(' (')[0]}{' +' + r['name'].split('+ ')[-1].rstrip(')') if r is not theirs else ''} split: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
+        print(f"  {r['name']} split: " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
     print(f"  (score = PM forward passes only; other = old/ref log-probs, values, advantages; "
           f"len = mean generated tokens per sample)\n  ours' own log: time_update "
           f"{ours['time_update']:.2f}s, samples_per_s {ours['logged_sps']:.2f} (excludes loop "
           "bookkeeping)")
     print(f"  TRL's rollouts used the same prompts, in the same groups, as ours: "
-          f"{'yes' if theirs['same_prompts'] else 'NO'}")
-    for v, r in zip(variants, runs, strict=True):
-        print(f"\nratio ours (value_train={v}) / TRL {args.trl.upper()} samples/s: "
-              f"{r['samples_per_s'] / theirs['samples_per_s']:.2f}x (goal >= 1x)")
+          f"{'yes' if all(t['same_prompts'] for t in trls) else 'NO'}")
+    print()
+    for r in runs:
+        for t in trls:
+            print(f"ratio {r['name']} / {t['name']}: "
+                  f"{r['samples_per_s'] / t['samples_per_s']:.2f}x samples/s (goal >= 1x)")
 
 
 if __name__ == "__main__":

@@ -270,3 +270,27 @@ def test_chunked_prefill_changes_nothing(tiny: HFModel) -> None:
     assert got[0] == ref[0] and got[1] == ref[1]
     for g, w in zip(got[2], ref[2], strict=True):
         assert g == pytest.approx(w, abs=1e-4)
+
+
+def test_bf16_generation_copy_equals_a_bf16_model_and_follows_weight_updates(tiny_model_dir):
+    """generate_dtype="bfloat16" on float32 weights generates with a bf16 copy: token for token
+    what the model loaded in bf16 generates, scoring stays float32, and the copy follows
+    in-place weight updates (PPO's policy between rollouts)."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    mixed = HFModel(tiny_model_dir, generate_dtype="bfloat16")
+    pure = HFModel(tiny_model_dir, dtype="bfloat16")
+    fp32 = HFModel(tiny_model_dir)
+    assert next(mixed.model.parameters()).dtype == torch.float32
+    before = mixed.generate_with_ids(PROMPTS, params)
+    assert before == pure.generate_with_ids(PROMPTS, params)
+    assert mixed.stats.generated_tokens > 0  # the copy counts into this model's stats
+    assert mixed.score(PROMPTS[:2], ["a", "b"]) == fp32.score(PROMPTS[:2], ["a", "b"])
+
+    with torch.no_grad():  # an optimizer step, in place: the next call must see it
+        for p in mixed.model.parameters():
+            p.add_(0.05 * torch.sin(torch.arange(p.numel(), dtype=torch.float32)).reshape(p.shape))
+    assert mixed.generate_with_ids(PROMPTS, params) != before
+    copy = mixed._shadow.model
+    for src, dst in zip(mixed.model.parameters(), copy.parameters(), strict=True):
+        assert torch.equal(dst, src.to(torch.bfloat16))
+    assert copy.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep their dtype

@@ -265,3 +265,19 @@ def test_cai_generate_runs_on_vllm(vm, vllm_dir: Path, capsys) -> None:
     want = vm.generate([[{"role": "user", "content": "Hello there"}]],
                        SamplingParams(max_new_tokens=8))[0]
     assert capsys.readouterr().out.strip() == want.strip()
+
+
+@engine_test
+def test_run_backend_auto_loads_vllm_for_a_large_stage_only(vm, vllm_dir: Path) -> None:
+    """`backend: auto` in `cai run`: a stage that generates past the start-up threshold gets
+    the vllm backend, a small one the hf backend (the engine is the session's, reused)."""
+    from constitutional.config import RunConfig
+    from constitutional.models import VLLM_MIN_TOKENS
+    from constitutional.models.hf import HFModel
+    from constitutional.models.vllm import VLLMModel
+    from constitutional.pipeline import _model
+
+    big = _model(str(vllm_dir), RunConfig(), tokens=VLLM_MIN_TOKENS["float32"])
+    assert isinstance(big, VLLMModel) and big.llm is vm.llm
+    assert isinstance(_model(str(vllm_dir), RunConfig(), tokens=100), HFModel)
+    assert isinstance(_model(str(vllm_dir), RunConfig(backend="hf"), tokens=10**9), HFModel)

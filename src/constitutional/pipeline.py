@@ -332,16 +332,39 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
 
         result = ray_revise(config, options)
     else:
-        critic = _model(config.critic_model, c) if config.critic_model else None
-        result = revise(config, _model(c.model, c), critic=critic)
+        n, r = _planned_prompts(c.red_team_limit), config.revisions
+        answers = n * config.max_new_tokens
+        critic_tokens = n * r * (config.critique_max_new_tokens + config.max_new_tokens)
+        critic = _model(config.critic_model, c, critic_tokens) if config.critic_model else None
+        result = revise(config, _model(c.model, c, answers + (0 if critic else critic_tokens)),
+                        critic=critic)
     s = result.summary
     return {k: s.get(k) for k in ("generated_tokens", "tokens_per_second")}
 
 
-def _model(spec: str, c: RunConfig):
-    from constitutional.models import load_model
+def _model(spec: str, c: RunConfig, tokens: int | None = None):
+    """The model of a stage: for scoring (``tokens`` None) as ``spec`` says; for a stage that
+    generates about ``tokens`` tokens, through ``backend`` and in ``generate_dtype``."""
+    from constitutional.models import choose_backend, load_model, parse_spec
 
-    return load_model(spec, **({"device": c.device} if c.device else {}))
+    options: dict[str, Any] = {"device": c.device} if c.device else {}
+    if tokens is None:
+        return load_model(spec, **options)
+    dtype = "float32" if c.generate_dtype == "auto" else c.generate_dtype
+    chosen = choose_backend(spec, c.backend, tokens=tokens, dtype=dtype)
+    if chosen != spec:
+        log.info("%s: the vllm backend (%s, about %d tokens to generate)", spec, c.backend,
+                 tokens)
+    if chosen.startswith("vllm:"):
+        options["dtype"] = c.generate_dtype
+    elif parse_spec(chosen).backend == "hf":
+        options["generate_dtype"] = c.generate_dtype
+    return load_model(chosen, **options)
+
+
+def _planned_prompts(limit: int | None) -> int:
+    """Prompts a stage reads at most (a source without a limit counted as 1,000)."""
+    return limit or 1000
 
 
 def _sl_train(pl: Pipeline) -> dict[str, Any]:
@@ -369,7 +392,8 @@ def _sample(pl: Pipeline) -> dict[str, Any]:
 
         result = ray_sample(prompts, config, pl.p("rl"), options)
     else:
-        result = sample(prompts, config, pl.p("rl"), model=_model(pl.sl_model, c))
+        result = sample(prompts, config, pl.p("rl"),
+                        model=_model(pl.sl_model, c, 2 * len(prompts) * config.max_new_tokens))
     return {"pairs": result.pairs}
 
 
@@ -484,7 +508,7 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
 
             ray_answer(todo, spec, answer, out, ray_options, name)
         else:
-            answer_rows(_model(spec, c), todo, answer, out)
+            answer_rows(_model(spec, c, len(todo) * e.max_new_tokens), todo, answer, out)
         store = JsonlStore(out / ANSWERS)  # re-read: the records were appended by another writer
     order = {n: i for i, n in enumerate(checkpoints(pl))}
     rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],

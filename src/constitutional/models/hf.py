@@ -208,6 +208,7 @@ class HFModel(TokenizerPrompts, LanguageModel):
         min_shared_prefix: int = 32,
         engine: str = "auto",
         kv_reuse_gib: float = 2.0,
+        generate_dtype: str | torch.dtype | None = "auto",
         model: Any = None,
         tokenizer: Any = None,
     ) -> None:
@@ -255,6 +256,53 @@ class HFModel(TokenizerPrompts, LanguageModel):
             eos = self.tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id: int = self.tokenizer.pad_token_id
+        self._engine_args = {"max_batch_tokens": max_batch_tokens,
+                             "max_batch_size": max_batch_size, "kv_cache_gib": kv_cache_gib,
+                             "max_prefill_tokens": max_prefill_tokens,
+                             "min_shared_prefix": min_shared_prefix, "kv_reuse_gib": kv_reuse_gib}
+        self.generate_dtype = self._choose_generate_dtype(generate_dtype)
+        self._shadow: HFModel | None = None
+
+    def _choose_generate_dtype(self, choice: str | torch.dtype | None) -> torch.dtype:
+        """The dtype generation computes in: the weights' (``auto``), or another, e.g.
+        ``bfloat16`` on a CPU that computes in it natively (AVX512-BF16 or AMX: about 1.4-1.6x
+        the tokens/s of float32 on this project's CPU, bench/generate.py). Scoring (labels, MC
+        evals, log-probabilities) always computes in the weights' dtype.
+
+        Not the default: in bfloat16 a row's logits depend slightly on which rows share its
+        batch, enough to flip a sampled token now and then, so a resumed or sharded stage no
+        longer reproduces the uninterrupted single-process run record for record (float32
+        does). PPO asks for it (its rollout batches are a function of the step alone)."""
+        if choice in (None, "auto"):
+            return next(self.model.parameters()).dtype
+        return resolve_dtype(choice, self.device)
+
+    def _generator(self) -> HFModel:
+        """The model that generates: this one, or a copy of it in ``generate_dtype`` (only its
+        parameters cast; buffers such as the rotary frequencies keep their dtype), refreshed
+        whenever this model's weights change (PPO's policy between rollouts)."""
+        if self.generate_dtype == next(self.model.parameters()).dtype:
+            return self
+        version = cascade.weights_version(self.model)
+        if self._shadow is None:
+            model = copy.deepcopy(self.model).requires_grad_(False)
+            for p in model.parameters():
+                p.data = p.data.to(self.generate_dtype)
+            shadow = HFModel(self.spec, spec=self.spec, device=str(self.device), model=model,
+                             tokenizer=self.tokenizer, generate_dtype=self.generate_dtype,
+                             **self._engine_args)
+            if shadow.engine != self.engine:  # its self-check failed in that dtype
+                self.generate_dtype = next(self.model.parameters()).dtype
+                return self
+            shadow.stats = self.stats
+            self._shadow, self._shadow_of = shadow, version
+        elif self._shadow_of != version:
+            with torch.no_grad():
+                for src, dst in zip(self.model.parameters(), self._shadow.model.parameters(),
+                                    strict=True):
+                    dst.copy_(src)
+            self._shadow_of = version
+        return self._shadow
 
     def _choose_engine(self, engine: str) -> None:
         """The generation engine: the cascade engine (models.engines.cascade) on CPU for the
@@ -458,12 +506,17 @@ class HFModel(TokenizerPrompts, LanguageModel):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[str]:
         return [text for text, _ in self.generate_with_ids(prompts, params)]
 
-    @torch.inference_mode()
     def generate_with_ids(self, prompts: Sequence[Prompt], params: SamplingParams,
                           ) -> list[tuple[str, list[int]]]:
         """Like :meth:`generate`, with each sample's generated token ids (ending with the EOS
         token when the model stopped by itself; stop strings cut the text only). RL uses the
         ids, so the tokens it learns from are exactly the ones that were sampled."""
+        # outside inference mode: the copy's parameters keep their version counters
+        return self._generator()._generate_with_ids(prompts, params)
+
+    @torch.inference_mode()
+    def _generate_with_ids(self, prompts: Sequence[Prompt], params: SamplingParams,
+                           ) -> list[tuple[str, list[int]]]:
         from transformers import GenerationConfig
 
         validate_prompts(prompts)

@@ -49,6 +49,11 @@ class PPOSettings(Settings):
     value_train: Literal["full", "head"] = Field(
         "full", description="'full' (the whole value model learns) or 'head' (only its scalar "
                             "head; faster).")
+    rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="The dtype rollouts are generated in. auto: bfloat16 on CPUs that "
+                            "compute in it natively (AVX512-BF16 or AMX) when the policy is "
+                            "float32, else the policy's. The log-probabilities PPO learns from "
+                            "are always the policy's own.")
     whiten_advantages: bool = Field(True, description="Whiten the advantages (zero mean, unit "
                                                       "variance over the rollout).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")

@@ -112,6 +112,17 @@ def _load_policy(config: PPOConfig, device: Any) -> tuple[str, Any, Any, Any]:
     return policy_dir, tokenizer, policy, ref
 
 
+def rollout_dtype(choice: str, device: Any) -> str:
+    """``rollout_dtype`` resolved: ``auto`` is bfloat16 on a CPU that computes in it natively
+    (rollouts ~1.5x faster; their batches are a function of the step, so a resumed run still
+    reproduces them), else the policy's dtype."""
+    if choice != "auto":
+        return choice
+    from constitutional.models.builtin import cpu_bf16
+
+    return "bfloat16" if str(device).startswith("cpu") and cpu_bf16() else "auto"
+
+
 def _load_value(config: PPOConfig, policy: Any) -> Any:
     """The value model: a one-label sequence classifier from ``value_model`` or the PM."""
     import torch
@@ -208,7 +219,8 @@ class PPOTrainer:
         self.policy, self.value, self.optimizer = acc.prepare(policy, value, optimizer)
         self.value_head = ValueHead(acc.unwrap_model(self.value))
         self.generator = HFModel(policy_dir, spec=config.policy, model=acc.unwrap_model(
-            self.policy), tokenizer=self.tokenizer, device=str(acc.device))
+            self.policy), tokenizer=self.tokenizer, device=str(acc.device),
+            generate_dtype=rollout_dtype(config.rollout_dtype, acc.device))
         self.kl_ctl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
         self.experience = ExperienceMaker(
             config, generator=self.generator, tokenizer=self.tokenizer, ref=self.ref,
