@@ -281,3 +281,16 @@ def test_run_backend_auto_loads_vllm_for_a_large_stage_only(vm, vllm_dir: Path) 
     assert isinstance(big, VLLMModel) and big.llm is vm.llm
     assert isinstance(_model(str(vllm_dir), RunConfig(), tokens=100), HFModel)
     assert isinstance(_model(str(vllm_dir), RunConfig(backend="hf"), tokens=10**9), HFModel)
+
+
+@engine_test
+def test_seeded_samples_of_long_prompts_that_fill_several_prefill_steps(vm) -> None:
+    """Seeded requests whose prompts do not fit one scheduler step: vLLM-CPU's chunked prefill
+    crashed the engine on them ("CPU Generator does not use offset"), so the backend turns it
+    off on CPU; the samples still do not depend on the batch."""
+    long = [[{"role": "user", "content": f"Story {i}: " + "the cat sat on the mat. " * 150}]
+            for i in range(12)]  # ~12 x 1,000 tokens: more than one step's token budget
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=3)
+    together = vm.generate(long, params)
+    assert len(together) == 12 and all(isinstance(t, str) for t in together)
+    assert vm.generate(long[5:6], params) == together[5:6]

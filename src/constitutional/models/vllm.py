@@ -108,6 +108,10 @@ def engine(model: str, dtype: str = "auto", *, kv_cache_gib: float = 2.0,
                                 "trust_remote_code": trust_remote_code}
         if cpu:
             args["enforce_eager"] = True
+            # vLLM-CPU crashes a seeded request whose prompt is prefilled in chunks (its runner
+            # rewinds the request's generator, and a CPU generator has no offset: "CPU Generator
+            # does not use offset"); every sample here is seeded, so prompts prefill whole
+            args["enable_chunked_prefill"] = False
         if max_model_len:
             args["max_model_len"] = max_model_len
         args.update(engine_args)
