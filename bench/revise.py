@@ -16,8 +16,9 @@ critique→revision round. Prints generated tokens/s for:
   the first ``--naive-prompts`` prompts (one at a time, so its rate does not depend on the run).
 
 Each side's start-up (model load, vLLM's engine start) is printed and charged once per run in
-the "with start-up" column, and the line "auto picks" says which backend ``backend: auto`` in
-`cai run` loads for that run (models.choose_backend). Timings are printed, never asserted.
+the "with start-up" column. ``backend: auto`` in `cai run` keeps revise on hf (these figures);
+the last line of each run says what the plain-chat rule of bench/generate.py (models.
+VLLM_MIN_TOKENS) would have picked. Timings are printed, never asserted.
 
     python bench/revise.py [--sizes 32,320] [--sides hf@float32,vllm@float32]
                            [--few-shot 3] [--max-new-tokens 64] [--naive-prompts 8]
@@ -179,9 +180,9 @@ def main() -> None:
               f"{naive_rate:>8.1f}{'':>15}{1:>9.2f}   (first {len(prompts)} prompts)")
         if totals:
             best = max(totals, key=totals.get)
-            auto = "vllm" if planned >= VLLM_MIN_TOKENS["float32"] else "hf"
-            print(f"  fastest with start-up: {best}; `backend: auto` picks {auto} (float32, "
-                  "where vLLM is installed)\n")
+            chat = "vllm" if planned >= VLLM_MIN_TOKENS["float32"] else "hf"
+            print(f"  fastest with start-up: {best}; `backend: auto` keeps revise on hf (the "
+                  f"plain-chat rule would pick {chat} for {planned:,} tokens)\n")
 
 
 if __name__ == "__main__":
