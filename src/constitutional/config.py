@@ -105,8 +105,9 @@ class RunConfig(Settings):
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Backend of the stages that generate (revise, sample, eval "
                             "answers) for built-in, directory and hub-id specs: hf, vllm, or "
-                            "auto (vllm when it is installed and the stage generates enough "
-                            "tokens to repay its start-up, else hf).")
+                            "auto (hf for revise; for sample and eval answers vllm when it is "
+                            "installed and the stage generates enough tokens to repay its "
+                            "start-up, else hf).")
     generate_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="The dtype those stages generate in (auto: the weights', float32 "
                             "on CPU). bfloat16 is ~1.6x faster on CPUs with AVX512-BF16 or AMX, "
