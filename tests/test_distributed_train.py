@@ -194,8 +194,10 @@ def test_dpo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Our PPO: 8 prompts per step (8 on one process, 4 + 4 on two), one minibatch per epoch.
+@pytest.mark.parametrize("value_train, steps", [("head", 2), ("full", 3)])
+def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path,
+                                                 value_train: str, steps: int) -> None:
+    """Our PPO, with each critic: 8 prompts per step (8 on one process, 4 + 4 on two), one minibatch per epoch.
     Each process samples its own prompts (sampling is seeded per prompt, so the answers do not
     depend on the process), advantages are whitened over the whole rollout and the token means
     are taken over all processes' tokens, so the updates are the one-process updates.
@@ -207,7 +209,11 @@ def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
     reference by step 4, and there (measured) one sampled token of the 96 already differs.
     Rollouts in float32: in bfloat16 (the default on CPUs that have it) that noise is far
     larger, and the two runs' samples part by step 3 (measured: reward_mean -0.678 against
-    -0.580), as they would for any two batchings."""
+    -0.580), as they would for any two batchings. With the value head alone (value_train: head)
+    the two runs' samples part at step 3 for the same reason (measured: head weights equal to
+    1.5e-7 after step 2, then one token flips), so that run takes 2 steps. Its head is called
+    outside DDP; without our all-reduce of its gradients the runs part at step 1
+    (value_loss 0.14117 against 0.14065)."""
     from tiny_models import make_tiny_llama, make_tiny_pm
 
     policy = make_tiny_llama(tmp_path / "policy", tiny_model_dir, initializer_range=0.6)
@@ -219,14 +225,16 @@ def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
     def train(nproc: int) -> list[dict]:
         out = tmp_path / f"ppo-{nproc}"
         run_accelerate(["rl", "train", "--algo", "ppo", "--policy", str(policy), "--pm",
-                        str(pm), "--prompts", str(prompts), "--out", str(out), "--steps", "3",
+                        str(pm), "--prompts", str(prompts), "--out", str(out), "--steps",
+                        str(steps),
                         "--rollout-batch", "8", "--minibatch", "8", "--ppo-epochs", "2",
                         "--max-new-tokens", "12", "--learning-rate", "1e-3", "--kl-coef",
-                        "0.05", "--rollout-dtype", "float32"], nproc)
+                        "0.05", "--rollout-dtype", "float32", "--value-train", value_train],
+                       nproc)
         return [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().splitlines()]
 
     one, two = train(1), train(2)
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, steps + 1))
     for a, b in zip(one, two, strict=True):
         for key in ("reward_mean", "score_mean", "kl", "policy_loss", "value_loss",
                     "response_len", "entropy"):
@@ -237,6 +245,13 @@ def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
     # 2.13.0, accelerate 1.15.0, transformers 5.23.0), on this code and on the code before it;
     # still 500x below how far the weights moved
     assert moved > 1e-3 and differ < 3e-5, (moved, differ)
+    from safetensors.torch import load_file
+
+    heads = [load_file(str(d / "checkpoints" / f"step-{steps}" / "value.safetensors"))
+             ["score.weight"] for d in (tmp_path / "ppo-1", tmp_path / "ppo-2")]
+    start = load_file(str(pm / "model.safetensors"))["score.weight"]
+    assert (heads[0] - start).abs().max() > 1e-3  # the critic learned
+    assert (heads[0] - heads[1]).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

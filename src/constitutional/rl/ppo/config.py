@@ -47,8 +47,11 @@ class PPOSettings(Settings):
                                                           "the rollout's.")
     vf_coef: float = Field(0.1, ge=0, description="Value loss weight.")
     value_train: Literal["full", "head"] = Field(
-        "full", description="'full' (the whole value model learns) or 'head' (only its scalar "
-                            "head; faster).")
+        "full", description="The critic: 'full' (a value model started from the PM, all of it "
+                            "learning) or 'head' (the PM's backbone frozen, its features "
+                            "computed once per rollout, only its scalar head learning: ~1.5x "
+                            "the steps/s, but measured worse than a constant baseline, see "
+                            "value_explained_var in the log).")
     rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="The dtype rollouts are generated in. auto: bfloat16 on CPUs that "
                             "compute in it natively (AVX512-BF16 or AMX) when the policy is "

@@ -74,6 +74,24 @@ def whiten(x, mask, eps: float = 1e-8, all_sum=None):
     return (x - mean) * (var + eps).rsqrt() * mask
 
 
+def explained_variance(values, returns, mask, all_sum=None) -> float | None:
+    """1 − Var(returns − values) / Var(returns) over the masked entries (of all processes):
+    1 is a perfect critic, 0 one no better than a constant, below 0 a harmful one (the
+    diagnostic of Stable-Baselines3 and of TRL's old PPO). None where the returns do not vary."""
+    import torch
+
+    all_sum = all_sum or (lambda t: t)
+    m = mask.double()
+    r, d = returns.double() * m, (returns - values).double() * m
+    n, sr, sr2, sd, sd2 = all_sum(torch.stack([m.sum(), r.sum(), (r * r).sum(), d.sum(),
+                                                (d * d).sum()])).tolist()
+    if n < 2:
+        return None
+    var_r = sr2 / n - (sr / n) ** 2
+    var_d = sd2 / n - (sd / n) ** 2
+    return 1.0 - var_d / var_r if var_r > 1e-12 else None
+
+
 class AdaptiveKL:
     """Ziegler et al.'s controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)."""
 
@@ -99,8 +117,10 @@ class ValueHead:
         self.head = getattr(model, "score", None) or model.classifier
 
     def hidden(self, input_ids, attention_mask, position_ids):
+        """The backbone's last hidden state, in float32 (the head's dtype) whatever the
+        backbone's dtype (a frozen backbone may run in bfloat16)."""
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, use_cache=False).last_hidden_state
+                             position_ids=position_ids, use_cache=False).last_hidden_state.float()
 
     def __call__(self, input_ids, attention_mask, position_ids):
         return self.head(self.hidden(input_ids, attention_mask, position_ids)).squeeze(-1).float()

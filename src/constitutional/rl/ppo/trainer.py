@@ -44,6 +44,7 @@ from constitutional.rl.ppo.experience import (
     Rollout,
     ValueHead,
     answer_logprobs,
+    explained_variance,
     load_training_prompts,
     sample_answers,
     step_prompts,
@@ -123,7 +124,7 @@ def rollout_dtype(choice: str, device: Any) -> str:
     return "bfloat16" if str(device).startswith("cpu") and cpu_bf16() else "auto"
 
 
-def _load_value(config: PPOConfig, policy: Any) -> Any:
+def _load_value(config: PPOConfig, policy: Any, device: Any) -> Any:
     """The value model: a one-label sequence classifier from ``value_model`` or the PM."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -142,6 +143,10 @@ def _load_value(config: PPOConfig, policy: Any) -> Any:
     if config.value_train == "head":  # the PM's features stay fixed; only the head learns
         value.requires_grad_(False)
         ValueHead(value).head.requires_grad_(True)
+        if rollout_dtype(config.rollout_dtype, device) == "bfloat16":
+            # a frozen backbone only gives the critic its features, once per rollout: it runs
+            # with the rollouts' dtype; the head, and so the values, stay float32
+            ValueHead(value).backbone.to(torch.bfloat16)
     return value
 
 
@@ -213,10 +218,16 @@ class PPOTrainer:
                             f"{acc.num_processes} processes", field="rollout_batch")
         torch.manual_seed(config.seed)
         policy_dir, self.tokenizer, policy, self.ref = _load_policy(config, acc.device)
-        value = _load_value(config, policy)
+        value = _load_value(config, policy, acc.device)
         self.rewarder = rewarder if rewarder is not None else _load_rewarder(config, acc.device)
         optimizer, self.scheduler = _optimizer(config, policy, value)
-        self.policy, self.value, self.optimizer = acc.prepare(policy, value, optimizer)
+        if config.value_train == "head":
+            # only the head learns, called directly (not through a DDP forward): no DDP wrapper;
+            # its gradients are averaged over the processes in _optimizer_step
+            self.policy, self.optimizer = acc.prepare(policy, optimizer)
+            self.value = value.to(acc.device)
+        else:
+            self.policy, self.value, self.optimizer = acc.prepare(policy, value, optimizer)
         self.value_head = ValueHead(acc.unwrap_model(self.value))
         self.generator = HFModel(policy_dir, spec=config.policy, model=acc.unwrap_model(
             self.policy), tokenizer=self.tokenizer, device=str(acc.device),
@@ -315,6 +326,10 @@ class PPOTrainer:
 
     def _optimizer_step(self) -> None:
         acc = self.accelerator
+        if self.config.value_train == "head" and acc.num_processes > 1:
+            for p in self.value_head.head.parameters():  # what DDP does for the policy
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, "mean")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         acc.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
@@ -391,6 +406,8 @@ class PPOTrainer:
             "approx_kl": learn["approx_kl"],
             "policy_loss": learn["policy_loss"],
             "value_loss": learn["value_loss"],
+            "value_explained_var": explained_variance(r.values, r.returns, r.response_mask,
+                                                      self._all_sum),
             "response_len": len_all.float().mean().item(),
             "learning_rate": self.scheduler.get_last_lr()[0],
             **{k: round(v, 4) for k, v in times.items()},
