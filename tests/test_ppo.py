@@ -115,7 +115,7 @@ def test_pack_places_answers_after_a_common_query_width():
     assert rmask.tolist() == [[1, 1], [1, 0]]
 
 
-def test_ppo_raises_a_token_reward_with_bounded_kl(peaked, tmp_path):
+def test_ppo_raises_a_token_reward_with_bounded_kl(peaked, tmp_path, caplog):
     """The reward rises and the critic learns: the value model's explained variance of the
     returns starts below 0 (a critic worse than a constant) and ends above it (measured: -4.72
     at step 1, a mean of 0.29 over the last 5 steps)."""
@@ -132,6 +132,7 @@ def test_ppo_raises_a_token_reward_with_bounded_kl(peaked, tmp_path):
     assert late > 1.5 * early and late - early > 0.25  # noise on a 5-step mean is ~0.05
     assert max(r["kl"] for r in result.log) < 20
     assert explained[0] < 0 < sum(explained[-5:]) / 5
+    assert "critic is no better" not in caplog.text
     row = result.log[-1]
     for key in ("reward_mean", "reward_std", "kl", "entropy", "clip_frac", "value_loss",
                 "value_explained_var", "response_len", "time_generate", "time_score",
@@ -193,7 +194,7 @@ def test_a_prompt_twice_in_a_batch_gets_two_samples(peaked, tmp_path):
     assert c == trainer._sample([PROMPTS[1]], params)[0]
 
 
-def test_head_only_value_training_learns_too(peaked, tmp_path):
+def test_head_only_value_training_learns_too(peaked, tmp_path, caplog):
     """value_train="head": the PM's backbone stays fixed (its features are computed once per
     rollout) and only the scalar head learns; the policy still learns the token reward. (Its
     critic does not: its explained variance stays below 0, measured -1.9 to -5.7 over 20 steps,
@@ -211,6 +212,7 @@ def test_head_only_value_training_learns_too(peaked, tmp_path):
     after = value.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     assert not torch.equal(value.score.weight, head)
+    assert "critic is no better than a constant baseline" in caplog.text
 
 
 def test_explained_variance_matches_a_hand_computation():

@@ -549,3 +549,28 @@ def test_report_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
         assert browser.console_errors() == []
     finally:
         browser.close()
+
+
+def test_verdict_says_when_the_ppo_critic_is_no_better_than_a_constant(tmp_path: Path) -> None:
+    """The mean of the last 5 steps' explained variance decides; older logs without the figure
+    leave the stage out."""
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+
+    def log(values: list) -> dict[str, list[str]]:
+        (ppo / "ppo_log.jsonl").write_text("".join(
+            json.dumps({"step": k + 1, "kl": 0.1, **({} if v == "absent" else
+                                                     {"value_explained_var": v})}) + "\n"
+            for k, v in enumerate(values)))
+        return _sections(render_report(tmp_path))["verdict"]
+
+    # figures from the README's measured runs (head-only critic, then the full value model)
+    bad = log([-2.98, -3.92, -1.47, 0.9, -4.53, -5.29, -7.28, -2.55])
+    rows = _verdict_rows(bad)
+    assert rows["critic's explained variance"][:3] == ["-3.75", "–", "no better than a constant"]
+    assert "PPO's critic is no better than a constant baseline" in html.unescape(bad)
+    assert "At chance or worse: PPO critic." in bad
+    good = log([-3.01, None, -2.48, 0.41, 0.43, 0.5, 0.35, 0.06])
+    assert _verdict_rows(good)["critic's explained variance"][:3] == ["0.35", "–", "learns"]
+    assert "Warning" not in good and "Every measured stage carried signal." in good
+    assert "critic" not in log(["absent", "absent"])

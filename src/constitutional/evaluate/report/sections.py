@@ -10,7 +10,7 @@ from pathlib import Path
 
 SECTION_FILES: dict[str, tuple[str, ...]] = {
     "verdict": ("run.json", "rl/label.summary.json", "calibrate/calibrate.summary.json",
-                "pm/pm.json", "eval/elo.json", "eval/evasiveness.json"),
+                "pm/pm.json", "eval/elo.json", "eval/evasiveness.json", "ppo/ppo_log.jsonl"),
     "stages": ("run.json",),
     "elo": ("eval/elo.json",),
     "evasiveness": ("eval/evasiveness.json",),

@@ -17,7 +17,9 @@ wherever a figure is at chance:
   one PPO was trained against) or the feedback model that labelled the data: not an independent
   judge;
 * **evasiveness** (``eval/evasiveness.json``): the final checkpoint's refusal rate against the
-  initial model's, with their intervals.
+  initial model's, with their intervals;
+* **PPO critic** (``ppo/ppo_log.jsonl``): the value model's explained variance of the returns,
+  averaged over the last steps; at or below 0 the critic is no better than a constant baseline.
 
 Each stage is read on its own: a file that is missing leaves its stage out, and one that cannot
 be read says so in its row, never failing the panel.
@@ -344,6 +346,34 @@ def _evasiveness(run: RunDir) -> StageVerdict | None:
                         figures)
 
 
+#: Steps at the end of a PPO run over which the critic's explained variance is averaged.
+CRITIC_LAST_STEPS = 5
+
+
+def _critic(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    if not run.exists("ppo/ppo_log.jsonl"):
+        return None
+    rows = sorted((r for r in run.jsonl("ppo/ppo_log.jsonl").rows if isinstance(r, dict)),
+                  key=lambda r: num(r.get("step")) or 0)
+    ev = [x for x in (num(r.get("value_explained_var")) for r in rows) if x is not None]
+    if not ev:  # a log from before the figure was logged, or returns that never varied
+        return None
+    last = ev[-CRITIC_LAST_STEPS:]
+    mean = sum(last) / len(last)
+    figure = Figure("critic's explained variance", mean, None,
+                    "learns" if mean > 0 else "no better than a constant", GOOD if mean > 0
+                    else WARN, f"1 − Var(returns − values) / Var(returns), mean of the last "
+                               f"{len(last)} of {len(ev)} PPO steps (step 1: {ev[0]:.2f})", 2)
+    if mean > 0:
+        return StageVerdict("PPO critic", "learns", GOOD, [figure])
+    warnings.append(
+        f"PPO's critic is no better than a constant baseline: its explained variance of the "
+        f"returns is {mean:.2f} over the last {len(last)} steps (0 is a constant, below 0 "
+        f"worse), so the advantages carry its noise. A value model needs steps to catch up: "
+        f"run more PPO steps, and read the reward curve with this in mind.")
+    return StageVerdict("PPO critic", "no better than a constant baseline", WARN, [figure])
+
+
 # ------------------------------------------------------------------------------------------------
 # the panel
 
@@ -387,7 +417,8 @@ def build_verdict(run: RunDir) -> VerdictData:
     warnings: list[str] = []
     stages = [_safely(name, build, *args) for name, build, args in (
         ("AI labels", _labels, (run, warnings)), ("Preference model", _pm, (run, warnings)),
-        ("Elo", _elo, (run, warnings)), ("Evasiveness", _evasiveness, (run,)))]
+        ("Elo", _elo, (run, warnings)), ("Evasiveness", _evasiveness, (run,)),
+        ("PPO critic", _critic, (run, warnings)))]
     found = [s for s in stages if s is not None]
     headline, kind = _headline(run, found)
     return VerdictData(headline, kind, warnings, found)

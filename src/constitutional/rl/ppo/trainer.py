@@ -371,6 +371,7 @@ class PPOTrainer:
         rows = sorted(read_jsonl(self.out / LOG_FILE), key=lambda r: r["step"]) \
             if (self.out / LOG_FILE).exists() else []
         rows = list({r["step"]: r for r in rows}.values())
+        _warn_on_the_critic(rows)
         return PPOResult(self.out, self.step, rows, time.perf_counter() - t_start)
 
     def _log_step(self, log_store: JsonlStore, row: dict[str, Any]) -> None:
@@ -487,6 +488,16 @@ class PPOTrainer:
         _set_py_rng_state(meta["python_rng"])
         log.info("resumed from %s (step %d)", path, self.step)
         return True
+
+
+def _warn_on_the_critic(rows: list[dict[str, Any]], last: int = 5) -> None:
+    """One warning line when the critic's explained variance, over the last steps, is no better
+    than a constant baseline's (the report's verdict says the same)."""
+    ev = [r["value_explained_var"] for r in rows if r.get("value_explained_var") is not None]
+    if ev and sum(ev[-last:]) / len(ev[-last:]) <= 0:
+        log.warning("PPO's critic is no better than a constant baseline: explained variance of "
+                    "the returns %.2f over the last %d steps (0 is a constant); its advantages "
+                    "carry its noise", sum(ev[-last:]) / len(ev[-last:]), len(ev[-last:]))
 
 
 # ------------------------------------------------------------------------------------------------
