@@ -18,8 +18,8 @@ from constitutional.evaluate.report.rundir import Lines, RunDir
 from constitutional.evaluate.report.values import flat, fmt, num
 
 PPO_COLUMNS = ("step", "reward_mean", "reward_std", "score_mean", "kl", "entropy", "clip_frac",
-               "value_loss", "value_explained_var", "policy_loss", "response_len", "time_generate", "time_score",
-               "time_update", "samples_per_s")
+               "value_loss", "value_explained_var", "policy_loss", "response_len",
+               "time_generate", "time_score", "time_update", "samples_per_s")
 
 
 def _scalars(data: dict[str, Any]) -> dict[str, Any]:

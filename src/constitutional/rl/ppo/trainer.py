@@ -371,7 +371,8 @@ class PPOTrainer:
         rows = sorted(read_jsonl(self.out / LOG_FILE), key=lambda r: r["step"]) \
             if (self.out / LOG_FILE).exists() else []
         rows = list({r["step"]: r for r in rows}.values())
-        _warn_on_the_critic(rows)
+        if acc.is_main_process:
+            _warn_on_the_critic(rows)
         return PPOResult(self.out, self.step, rows, time.perf_counter() - t_start)
 
     def _log_step(self, log_store: JsonlStore, row: dict[str, Any]) -> None:
