@@ -9,6 +9,8 @@ distinguishable from chance.
 * :func:`share` and :func:`mean_abs_from_half` — the label-quality figures of ``rl label``,
   ``rl calibrate`` and ``eval mc --debias``: the share of items with a property (position-biased,
   both orders agreeing), and the mean distance of soft labels from 0.5.
+* :func:`critic_explained_variance` — PPO's critic over the end of a run: the mean of the last
+  steps' explained variance, which the PPO log's warning and the report's verdict both judge.
 """
 
 from __future__ import annotations
@@ -54,3 +56,16 @@ def mean_abs_from_half(probabilities: Iterable[float]) -> float | None:
     """The mean of ``|p − 0.5|``: 0 for labels that never lean, 0.5 for certain ones."""
     ps = [abs(float(p) - 0.5) for p in probabilities]
     return sum(ps) / len(ps) if ps else None
+
+
+#: Steps at the end of a PPO run over which the critic's explained variance is averaged.
+CRITIC_LAST_STEPS = 5
+
+
+def critic_explained_variance(values: Iterable[float | None],
+                              last: int = CRITIC_LAST_STEPS) -> tuple[float, int] | None:
+    """The mean of the last ``last`` known per-step explained variances and how many there were
+    (None when none is known); at or below 0 the critic is no better than a constant."""
+    known = [float(v) for v in values if v is not None]
+    tail = known[-last:]
+    return (sum(tail) / len(tail), len(tail)) if tail else None

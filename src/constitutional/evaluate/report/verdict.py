@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from constitutional.core.stats import NO_SIGNAL_POSITION_BIAS, chance_verdict, wilson_interval
+from constitutional.core.stats import (
+    NO_SIGNAL_POSITION_BIAS,
+    chance_verdict,
+    critic_explained_variance,
+    wilson_interval,
+)
 from constitutional.evaluate.report.rundir import NotRun, RunDir
 from constitutional.evaluate.report.sections import SECTION_FILES
 from constitutional.evaluate.report.values import num
@@ -346,29 +351,25 @@ def _evasiveness(run: RunDir) -> StageVerdict | None:
                         figures)
 
 
-#: Steps at the end of a PPO run over which the critic's explained variance is averaged.
-CRITIC_LAST_STEPS = 5
-
-
 def _critic(run: RunDir, warnings: list[str]) -> StageVerdict | None:
     if not run.exists("ppo/ppo_log.jsonl"):
         return None
     rows = sorted((r for r in run.jsonl("ppo/ppo_log.jsonl").rows if isinstance(r, dict)),
                   key=lambda r: num(r.get("step")) or 0)
     ev = [x for x in (num(r.get("value_explained_var")) for r in rows) if x is not None]
-    if not ev:  # a log from before the figure was logged, or returns that never varied
+    tail = critic_explained_variance(ev)
+    if tail is None:  # a log from before the figure was logged, or returns that never varied
         return None
-    last = ev[-CRITIC_LAST_STEPS:]
-    mean = sum(last) / len(last)
+    mean, last = tail
     figure = Figure("critic's explained variance", mean, None,
                     "learns" if mean > 0 else "no better than a constant", GOOD if mean > 0
                     else WARN, f"1 − Var(returns − values) / Var(returns), mean of the last "
-                               f"{len(last)} of {len(ev)} PPO steps (step 1: {ev[0]:.2f})", 2)
+                               f"{last} of {len(ev)} PPO steps (step 1: {ev[0]:.2f})", 2)
     if mean > 0:
         return StageVerdict("PPO critic", "learns", GOOD, [figure])
     warnings.append(
         f"PPO's critic is no better than a constant baseline: its explained variance of the "
-        f"returns is {mean:.2f} over the last {len(last)} steps (0 is a constant, below 0 "
+        f"returns is {mean:.2f} over the last {last} steps (0 is a constant, below 0 "
         f"worse), so the advantages carry its noise. A value model needs steps to catch up: "
         f"run more PPO steps, and read the reward curve with this in mind.")
     return StageVerdict("PPO critic", "no better than a constant baseline", WARN, [figure])

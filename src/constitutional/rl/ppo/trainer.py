@@ -491,14 +491,16 @@ class PPOTrainer:
         return True
 
 
-def _warn_on_the_critic(rows: list[dict[str, Any]], last: int = 5) -> None:
-    """One warning line when the critic's explained variance, over the last steps, is no better
-    than a constant baseline's (the report's verdict says the same)."""
-    ev = [r["value_explained_var"] for r in rows if r.get("value_explained_var") is not None]
-    if ev and sum(ev[-last:]) / len(ev[-last:]) <= 0:
+def _warn_on_the_critic(rows: list[dict[str, Any]]) -> None:
+    """One warning line when the critic, over the last steps, is no better than a constant
+    baseline (the report's verdict says the same)."""
+    from constitutional.core.stats import critic_explained_variance
+
+    tail = critic_explained_variance(r.get("value_explained_var") for r in rows)
+    if tail is not None and tail[0] <= 0:
         log.warning("PPO's critic is no better than a constant baseline: explained variance of "
                     "the returns %.2f over the last %d steps (0 is a constant); its advantages "
-                    "carry its noise", sum(ev[-last:]) / len(ev[-last:]), len(ev[-last:]))
+                    "carry its noise", *tail)
 
 
 # ------------------------------------------------------------------------------------------------
