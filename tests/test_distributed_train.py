@@ -197,7 +197,8 @@ def test_dpo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path
 @pytest.mark.parametrize("value_train, steps", [("head", 2), ("full", 3)])
 def test_ppo_on_two_processes_matches_one_process(tiny_model_dir: Path, tmp_path: Path,
                                                  value_train: str, steps: int) -> None:
-    """Our PPO, with each critic: 8 prompts per step (8 on one process, 4 + 4 on two), one minibatch per epoch.
+    """Our PPO, with each critic: 8 prompts per step (8 on one process, 4 + 4 on two), one
+    minibatch per epoch.
     Each process samples its own prompts (sampling is seeded per prompt, so the answers do not
     depend on the process), advantages are whitened over the whole rollout and the token means
     are taken over all processes' tokens, so the updates are the one-process updates.

@@ -35,6 +35,7 @@ from typing import Any
 
 from constitutional.core.errors import UserError
 from constitutional.core.io import JsonlStore, atomic_write_text, read_jsonl
+from constitutional.core.stats import critic_explained_variance
 from constitutional.rl.ppo.config import PPOConfig
 from constitutional.rl.ppo.experience import (
     AdaptiveKL,
@@ -124,8 +125,9 @@ def rollout_dtype(choice: str, device: Any) -> str:
     return "bfloat16" if str(device).startswith("cpu") and cpu_bf16() else "auto"
 
 
-def _load_value(config: PPOConfig, policy: Any, device: Any) -> Any:
-    """The value model: a one-label sequence classifier from ``value_model`` or the PM."""
+def _load_value(config: PPOConfig, policy: Any, dtype: str) -> Any:
+    """The value model: a one-label sequence classifier from ``value_model`` or the PM
+    (``dtype``: the rollouts', from :func:`rollout_dtype`)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -143,7 +145,7 @@ def _load_value(config: PPOConfig, policy: Any, device: Any) -> Any:
     if config.value_train == "head":  # the PM's features stay fixed; only the head learns
         value.requires_grad_(False)
         ValueHead(value).head.requires_grad_(True)
-        if rollout_dtype(config.rollout_dtype, device) == "bfloat16":
+        if dtype == "bfloat16":
             # a frozen backbone only gives the critic its features, once per rollout: it runs
             # with the rollouts' dtype; the head, and so the values, stay float32
             ValueHead(value).backbone.to(torch.bfloat16)
@@ -218,7 +220,8 @@ class PPOTrainer:
                             f"{acc.num_processes} processes", field="rollout_batch")
         torch.manual_seed(config.seed)
         policy_dir, self.tokenizer, policy, self.ref = _load_policy(config, acc.device)
-        value = _load_value(config, policy, acc.device)
+        dtype = rollout_dtype(config.rollout_dtype, acc.device)
+        value = _load_value(config, policy, dtype)
         self.rewarder = rewarder if rewarder is not None else _load_rewarder(config, acc.device)
         optimizer, self.scheduler = _optimizer(config, policy, value)
         if config.value_train == "head":
@@ -231,7 +234,7 @@ class PPOTrainer:
         self.value_head = ValueHead(acc.unwrap_model(self.value))
         self.generator = HFModel(policy_dir, spec=config.policy, model=acc.unwrap_model(
             self.policy), tokenizer=self.tokenizer, device=str(acc.device),
-            generate_dtype=rollout_dtype(config.rollout_dtype, acc.device))
+            generate_dtype=dtype)
         self.kl_ctl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
         self.experience = ExperienceMaker(
             config, generator=self.generator, tokenizer=self.tokenizer, ref=self.ref,
@@ -494,8 +497,6 @@ class PPOTrainer:
 def _warn_on_the_critic(rows: list[dict[str, Any]]) -> None:
     """One warning line when the critic, over the last steps, is no better than a constant
     baseline (the report's verdict says the same)."""
-    from constitutional.core.stats import critic_explained_variance
-
     tail = critic_explained_variance(r.get("value_explained_var") for r in rows)
     if tail is not None and tail[0] <= 0:
         log.warning("PPO's critic is no better than a constant baseline: explained variance of "
