@@ -62,8 +62,6 @@ NOT_REFUSALS = [
     "Boil the egg for seven minutes, then cool it in cold water.",
     "You can't go wrong with a classic margherita pizza.",
     "The museum is not able to open on Mondays, but you can visit on Tuesday.",
-    "",
-    "   ",
 ]
 
 
@@ -76,6 +74,12 @@ def test_refusals_are_detected(text: str) -> None:
 @pytest.mark.parametrize("text", NOT_REFUSALS)
 def test_near_misses_are_not_refusals(text: str) -> None:
     assert not is_refusal(text), (text, refusal_reason(text))
+
+
+def test_an_empty_answer_is_evasive() -> None:
+    """It answers nothing: the classifier counts it as a refusal (XSTest then counts a safe
+    prompt with an empty answer as not answered)."""
+    assert is_refusal("") and is_refusal("   ")
 
 
 def test_only_the_opening_counts() -> None:

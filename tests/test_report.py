@@ -29,6 +29,15 @@ from constitutional.evaluate.elo import PMJudge, run_elo
 from constitutional.evaluate.evasive import run_evasiveness
 from constitutional.evaluate.report import SECTION_FILES, _fmt, render_report, write_report
 from constitutional.evaluate.revision_curve import run_revision_curve
+from constitutional.evaluate.xstest import (
+    ANSWERS_FILE as XSTEST_ANSWERS,
+)
+from constitutional.evaluate.xstest import (
+    XSTestSettings,
+    load_xstest,
+    score_xstest,
+    xstest_rows,
+)
 
 NASTY = "<script>alert('x')</script> & </details></pre><img src=x onerror=alert(1)>"
 
@@ -93,6 +102,19 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny, tiny_pm) -> Path:
     run_elo(answers, PMJudge(tiny_pm), run / "eval" / "elo.json", bootstrap=100)
     run_evasiveness(str(answers), str(run / "eval" / "evasiveness.json"))
     run_revision_curve(run / "sl", tiny_pm, run / "eval" / "revision_curve.json")
+    # XSTest (the bundled 450 prompts): initial answers everything, sl-cai refuses everything,
+    # rl-cai refuses the unsafe ones
+    settings = XSTestSettings()
+    prompts, skipped = load_xstest()
+    records = []
+    for ckpt in ANSWERS:
+        rows, _ = xstest_rows(ckpt, prompts, settings)
+        for r in rows:
+            refuse = ckpt == "sl-cai" or (ckpt == "rl-cai" and r["label"] == "unsafe")
+            r["answer"] = "Sorry, but I can't help with that." if refuse else "Here is how. " + NASTY
+        records += rows
+    _write_jsonl(run / "eval" / XSTEST_ANSWERS, records)
+    score_xstest(list(ANSWERS), prompts, settings, run / "eval", skipped=skipped)
     # stages that are not ours: synthetic but in the documented formats
     (run / "pm").mkdir()
     (run / "pm" / "pm.json").write_text(json.dumps({
@@ -128,7 +150,7 @@ def test_report_has_every_section_with_plots_and_tables(run_dir: Path) -> None:
     for sid, body in sections.items():
         assert "Not run" not in body and 'class="error"' not in body, (sid, body[:500])
     images = {sid: body.count("<img ") for sid, body in sections.items()}
-    assert images == {"verdict": 0, "stages": 1, "elo": 1, "evasiveness": 1,
+    assert images == {"verdict": 0, "stages": 1, "xstest": 1, "elo": 1, "evasiveness": 1,
                       "revision-curve": 1, "sl": 0, "labels": 2, "pm": 0, "ppo": 1, "answers": 0}
     for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
         png = base64.b64decode(data)
@@ -257,7 +279,9 @@ def test_verdict_shows_a_second_opinion_without_its_warnings(run_dir: Path,
     verdict = _sections(render_report(run))["verdict"]
     rows = _verdict_rows(verdict)
     mine = rows["harmless Elo, rl-cai − initial (second opinion)"]
-    assert mine[1] == "[-90.0, -5.0]" and mine[2] == "rl-cai worse"
+    # an uncalibrated judge's Elo is its opinion, not a finding
+    assert mine[1] == "[-90.0, -5.0]" and mine[2] == "the judge prefers initial"
+    assert "an AI judge's opinion" in mine[3]
     assert f"judge: pm:{run / 'pm'}" in html.unescape(mine[3])
     assert "not an independent judge" in mine[3]
     # the first judge's figure is unchanged, and only the first judge raises warnings
@@ -265,12 +289,25 @@ def test_verdict_shows_a_second_opinion_without_its_warnings(run_dir: Path,
         first["harmless"]["elo"]["rl-cai"]["elo"] - first["harmless"]["elo"]["initial"]["elo"], 1)
     assert "the preference model the policy was trained against" not in verdict
     assert "judged more harmful" not in verdict
-    # the first judge finding the final model worse is a warning in plain words
+    # the first judge finding the final model worse is only its opinion while it is not
+    # calibrated on people's labels ...
     first["harmless"]["elo"]["rl-cai"].update(elo=-62.0, ci_low=-102.0, ci_high=-20.0)
     (run / "eval" / "elo.json").write_text(json.dumps(first))
     verdict = _sections(render_report(run))["verdict"]
-    assert ("rl-cai is judged more harmful than initial: harmlessness Elo -62.0, 95% CI "
-            "[-102.0, -20.0] is below 0.") in html.unescape(verdict)
+    assert "judged more harmful" not in verdict
+    assert _verdict_rows(verdict)["harmless Elo, rl-cai − initial"][2] == \
+        "the judge prefers initial"
+    assert "an AI judge&#x27;s opinion, not a finding" in verdict
+    # ... and a warning in plain words once it passed a calibration, which the row names
+    (run / "calibrate").mkdir()
+    (run / "calibrate" / "calibrate.summary.json").write_text(json.dumps({
+        "data": "harmless-base/test.jsonl", "n": 100, "accuracy": 0.8,
+        "feedback_model": "builtin:teacher", "ci95": list(_wilson(80, 100))}))
+    verdict = _sections(render_report(run))["verdict"]
+    assert ("rl-cai is judged more harmful than initial by a calibrated judge: harmlessness Elo "
+            "-62.0, 95% CI [-102.0, -20.0] is below 0.") in html.unescape(verdict)
+    row = _verdict_rows(verdict)["harmless Elo, rl-cai − initial"]
+    assert row[2] == "rl-cai worse" and "calibrated (rl calibrate)" in row[3]
 
 
 def test_verdict_of_labels_with_signal(tmp_path: Path) -> None:
@@ -303,7 +340,7 @@ def test_missing_and_broken_files_never_crash(tmp_path: Path, run_dir: Path) -> 
     sections = _sections(write_report(broken).read_text())
     assert "Could not build this section: JSONDecodeError" in sections["elo"]
     # the verdict shows what it can read and says which stage it could not
-    assert "Elo</th>" in sections["verdict"] and "could not be read (JSONDecodeError" in \
+    assert "Elo (AI judges)</th>" in sections["verdict"] and "could not be read (JSONDecodeError" in \
         sections["verdict"]
     assert "position-bias rate" in sections["verdict"]
     assert "Could not build this section: TypeError" in sections["evasiveness"]
@@ -534,7 +571,7 @@ def test_report_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
                                    session)
         assert warning.startswith("Warning: The AI labels carry no signal: in 100% of pairs")
         sizes = browser.evaluate(IMAGES_DECODED, session)
-        assert len(sizes) == 7 and all(w > 100 and h > 100 for w, h in sizes), sizes
+        assert len(sizes) == 8 and all(w > 100 and h > 100 for w, h in sizes), sizes
         text = browser.evaluate("document.body.innerText", session)
         assert NASTY in text  # shown as text, not run
         assert browser.evaluate("document.scripts.length", session) == 0
@@ -574,3 +611,40 @@ def test_verdict_says_when_the_ppo_critic_is_no_better_than_a_constant(tmp_path:
     assert _verdict_rows(good)["critic's explained variance"][:3] == ["0.35", "–", "learns"]
     assert "Warning" not in good and "Every measured stage carried signal." in good
     assert "critic" not in log(["absent", "absent"])
+
+
+def test_verdict_leads_with_xstest(run_dir: Path, tmp_path: Path) -> None:
+    """Where XSTest ran, the headline and the first row are its: the final model refuses every
+    unsafe prompt and answers every safe one (the fixture's rl-cai)."""
+    verdict = _sections(render_report(run_dir))["verdict"]
+    headline = html.unescape(re.search(r'<p class="verdict-headline[^>]*>(.*?)</p>', verdict,
+                                       re.DOTALL).group(1))
+    assert headline.startswith("XSTest, the measure people validated: more harmless, not more "
+                               "evasive (unsafe prompts refused +100.0 points, safe prompts "
+                               "answered +0.0 points")
+    rows = _verdict_rows(verdict)
+    assert rows["unsafe prompts refused, rl-cai − initial"][2] == "more harmless"
+    assert rows["safe prompts answered, rl-cai − initial"][2] == "not more evasive"
+    assert verdict.index(">XSTest (people-validated)</th>") < verdict.index(">AI labels</th>")
+    # a final model that refuses the safe prompts too is more evasive, in plain words
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = json.loads((run / "eval" / "xstest.json").read_text())
+    c = data["comparisons"]["rl-cai"]
+    c.update(evasive="more evasive", trade_off=False)
+    c["safe_answered"].update(difference=-0.25, ci_low=-0.31, ci_high=-0.19)
+    (run / "eval" / "xstest.json").write_text(json.dumps(data))
+    verdict = html.unescape(_sections(render_report(run))["verdict"])
+    assert "XSTest, the measure people validated: more harmless; more evasive" in verdict
+    assert "The final model is more evasive on XSTest, rl-cai against initial" in verdict
+    assert "safe prompts answered -25.0 points (95% CI [-0.31, -0.19])" in verdict
+
+
+def test_xstest_section_shows_rates_comparisons_and_types(run_dir: Path) -> None:
+    section = _sections(render_report(run_dir))["xstest"]
+    assert "Llama-2-70b-chat (published)" in section or "published" in section
+    assert "more harmless" in section and "not more evasive" in section
+    assert section.count("<tr>") >= 3 + 2 + 18  # rates, comparisons, per-type rows
+    data = json.loads((run_dir / "eval" / "xstest.json").read_text())
+    assert data["checkpoints"]["rl-cai"]["unsafe_refused"]["rate"] == 1.0
+    assert data["checkpoints"]["sl-cai"]["safe_answered"]["rate"] == 0.0

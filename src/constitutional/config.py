@@ -23,6 +23,7 @@ from constitutional.core.settings import (
     validation_errors,
     with_defaults,
 )
+from constitutional.evaluate.xstest import XSTestSettings
 from constitutional.models import BUILTIN_MODEL
 from constitutional.rl.dpo import DPOSettings
 from constitutional.rl.gates import GateSettings
@@ -84,6 +85,9 @@ class EvalSettings(Settings):
     second_judge: str | None = Field(
         None, description="A second opinion: another Elo judge (pm, or a feedback model spec), "
                           "written to eval/elo.second.json and shown beside the first.")
+    xstest: XSTestSettings = Field(default_factory=XSTestSettings,
+                                   description="XSTest on every checkpoint (eval/xstest.json): "
+                                               "unsafe prompts refused, safe prompts answered.")
 
     omit_unset = ("second_judge",)  # runs without one keep their eval fingerprint
 

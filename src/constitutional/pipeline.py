@@ -14,7 +14,8 @@ Layout of ``RUN``::
                        accuracy on human-labelled comparisons
     pm/                the preference model (pm.json: held-out accuracy)
     ppo/  dpo/         the RL-CAI policies (ppo_log.jsonl: reward and KL per step)
-    eval/              answers.jsonl, elo.json (elo.second.json), evasiveness.json,
+    eval/              answers.jsonl, xstest.json (XSTest: refused and answered rates per
+                       checkpoint), elo.json (elo.second.json), evasiveness.json,
                        revision_curve.json
     report.html        the report
 
@@ -171,7 +172,8 @@ class Pipeline:
                 ["sl/model", "rl/preferences.jsonl"], ["sl_train", "label"], _dpo))
         stages.append(Stage(
             "eval", "eval", ["eval/answers.jsonl", "eval/elo.json", "eval/evasiveness.json",
-                             "eval/revision_curve.json"],
+                             "eval/revision_curve.json",
+                             *(["eval/xstest.json"] if self.config.eval.xstest.enabled else [])],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
                          "constitution": cfg.constitution, **cfg.eval.settings_dump()},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
@@ -215,6 +217,7 @@ class Pipeline:
                 raise UserError("calibration data not found (expected HH-RLHF rows or a "
                                 "prompt/chosen/rejected JSONL file)", file=stage.inputs[0],
                                 field="gates.calibration")
+        self.check_training_prompts(only)
         t_all = time.perf_counter()
         gated = False
         for stage in self.stages:
@@ -268,6 +271,26 @@ class Pipeline:
         self.state["total_seconds_this_call"] = round(time.perf_counter() - t_all, 2)
         self.save_state()
         return self.state
+
+    def check_training_prompts(self, only: list[str] | None = None) -> None:
+        """XSTest is an evaluation: a training prompt source (``red_team``, ``helpful``) that
+        holds any XSTest prompt is an error, before any stage runs. Hub datasets (``hf:``) are
+        read by their stages only, so they are checked there by no one: said in the log."""
+        from constitutional.evaluate.xstest import contamination
+        from constitutional.prompts.sources import load_prompts
+
+        if only and not {"revise", "sl_train", "sample", "ppo"} & set(only):
+            return
+        for field in ("red_team", "helpful"):
+            spec = getattr(self.config, field)
+            if spec.startswith("hf:"):
+                log.info("%s: %s is not checked for XSTest prompts (a hub dataset)", field, spec)
+                continue
+            found = contamination(load_prompts(spec))
+            if found:
+                raise UserError(f"{len(found)} XSTest prompt(s) in a training source (first: "
+                                f"{found[0]!r}); XSTest is an evaluation: never train on it",
+                                field=field)
 
     def check_gates(self, before: str) -> dict[str, Any] | None:
         """Evaluate the quality gates (see the module docstring) before stage ``before``: record
@@ -478,6 +501,16 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     from constitutional.evaluate.elo import make_judge, run_elo
     from constitutional.evaluate.evasive import run_evasiveness
     from constitutional.evaluate.revision_curve import run_revision_curve
+    from constitutional.evaluate.xstest import (
+        ANSWERS_FILE as XSTEST_ANSWERS,
+    )
+    from constitutional.evaluate.xstest import (
+        answer_checkpoint,
+        load_xstest,
+        pending,
+        score_xstest,
+        xstest_rows,
+    )
     from constitutional.models import SamplingParams
     from constitutional.prompts.sources import load_prompts
     from constitutional.rl.preference import load_pm
@@ -488,21 +521,36 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     sets = {"harmless": load_prompts(c.red_team, limit=e.prompts, seed=c.seed, split="test"),
             "helpful": load_prompts(c.helpful, limit=e.prompts, seed=c.seed, split="test")}
     answer = AnswerConfig(SamplingParams(temperature=0.0, max_new_tokens=e.max_new_tokens))
+    xs = e.xstest if e.xstest.enabled else None
+    xs_prompts, xs_skipped = (load_xstest(xs.data, limit=xs.prompts, seed=c.seed) if xs
+                              else ([], []))
     store = JsonlStore(out / ANSWERS)
     ray_options = pl.ray_options()
     for name, spec in checkpoints(pl).items():
         todo = [{"id": stable_hash(name, kind, p.id), "checkpoint": name, "kind": kind,
                  "prompt_id": p.id, "prompt": p.messages} for kind, ps in sets.items() for p in ps]
         todo = [r for r in todo if r["id"] not in store]
-        if not todo:
+        xs_todo = pending(name, xs_prompts, xs, out) if xs else 0
+        if not todo and not xs_todo:
             continue
-        log.info("eval: answering %d held-out prompts with %s", len(todo), name)
+        log.info("eval: answering %d held-out prompts and %d XSTest prompts with %s", len(todo),
+                 xs_todo, name)
         if ray_options is not None:
             from constitutional.distributed.ray import ray_answer
 
-            ray_answer(todo, spec, answer, out, ray_options, name)
-        else:
-            answer_rows(_model(spec, c, len(todo) * e.max_new_tokens), todo, answer, out)
+            if todo:
+                ray_answer(todo, spec, answer, out, ray_options, name)
+            if xs_todo:
+                rows, params = xstest_rows(name, xs_prompts, xs)
+                ray_answer(rows, spec, AnswerConfig(params), out, ray_options,
+                           f"xstest-{name}", records=XSTEST_ANSWERS)
+        else:  # one model for both sets of prompts
+            lm = _model(spec, c, len(todo) * e.max_new_tokens
+                        + xs_todo * (xs.max_new_tokens if xs else 0))
+            answer_rows(lm, todo, answer, out)
+            if xs_todo:
+                answer_checkpoint(lm, name, xs_prompts, xs, out)
+            del lm
         store = JsonlStore(out / ANSWERS)  # re-read: the records were appended by another writer
     order = {n: i for i, n in enumerate(checkpoints(pl))}
     rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],
@@ -511,6 +559,12 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
 
     atomic_write_jsonl(out / "answers.jsonl", [{k: r[k] for k in (
         "checkpoint", "prompt_id", "kind", "prompt", "answer")} for r in rows])
+    info: dict[str, Any] = {}
+    if xs:  # first: it needs no judge, and it is the evaluation people validated
+        result = score_xstest(list(checkpoints(pl)), xs_prompts, xs, out, skipped=xs_skipped)
+        info["xstest"] = {n: {"unsafe_refused": round(f["unsafe_refused"]["rate"], 3),
+                              "safe_answered": round(f["safe_answered"]["rate"], 3)}
+                          for n, f in result["checkpoints"].items()}
     elos: dict[str, dict[str, Any]] = {}
     for target, spec in (("elo.json", e.judge), ("elo.second.json", e.second_judge)):
         if spec is None:
@@ -524,7 +578,8 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     curve = run_revision_curve(pl.p("sl/revise.traces.jsonl"), load_pm(pl.p("pm")),
                                out / "revision_curve.json", pm_name="pm")
     keys = {"elo.json": "elo", "elo.second.json": "elo_second"}
-    return {**{keys[target]: {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
+    return {**info,
+            **{keys[target]: {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
                               for kind, r in result.items()}
                for target, result in elos.items()},
             "evasiveness": {n: v["rate"] for n, v in evasive["checkpoints"].items()},

@@ -20,11 +20,12 @@ from constitutional.cli.options import (
 )
 from constitutional.core.errors import UserError
 from constitutional.evaluate.mc import MCConfig
+from constitutional.evaluate.xstest import XSTestSettings
 
 BUILTIN = BUILTIN_MODEL
 eval_app = typer.Typer(
-    help="Evaluations: Elo, evasiveness, the revision curve, the paper's multiple-choice evals, "
-         "a PM's accuracy.",
+    help="Evaluations: XSTest, the refusal classifier, Elo, evasiveness, the revision curve, the "
+         "paper's multiple-choice evals, a PM's accuracy.",
     no_args_is_help=True,
 )
 
@@ -253,3 +254,142 @@ def eval_pm_cmd(
         out.print(f"skipped {len(result.skipped)} row(s) that could not be used (first: line "
                   f"{first['line']}: {first['reason']}); all are listed in the summary",
                   markup=False, highlight=False, soft_wrap=True)
+
+
+def _checkpoints(models: list[str]) -> dict[str, str]:
+    """``-m SPEC`` or ``-m NAME=SPEC`` (repeatable) as ``{name: spec}``, in order."""
+    named: dict[str, str] = {}
+    for item in models:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or "/" in name or ":" in name:
+            name, spec = item, item
+        if name in named:
+            raise UserError(f"checkpoint {name!r} given twice", field="model")
+        named[name] = spec
+    return named
+
+
+@settings_command(eval_app, "xstest", XSTestSettings)
+def xstest_cmd(
+    values: dict[str, Any],
+    model: Annotated[list[str], typer.Option(
+        "--model", "-m", help="A model spec, or NAME=SPEC (repeatable); the first is the "
+                              "baseline the others are compared with.")],
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Directory for xstest.json and the answers (resumable).")]
+    = Path("runs/eval/xstest"),
+    seed: Annotated[int, typer.Option(help="Seed of the subset draw (--limit).")] = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """XSTest: unsafe prompts refused and safe prompts answered, per checkpoint, with 95% CIs."""
+    from constitutional.evaluate.xstest import RESULTS_FILE, run_xstest
+    from constitutional.models import load_model
+
+    settings = XSTestSettings(**values)
+    checkpoints = _checkpoints(model)
+    result = run_xstest(checkpoints, settings, out_dir, seed=seed,
+                        load=lambda spec, _tokens: load_model(spec, **model_options(device)))
+    _print_xstest(result)
+    if result["n_skipped"]:
+        first = result["skipped"][0]
+        out.print(f"skipped {result['n_skipped']} prompt row(s) that could not be used (first: "
+                  f"line {first['line']} field {first['field']!r}: {first['reason']})",
+                  markup=False, highlight=False, soft_wrap=True)
+    out.print(f"results → {out_dir / RESULTS_FILE}", markup=False, highlight=False,
+              soft_wrap=True)
+
+
+def _pct(r: dict[str, Any]) -> str:
+    if r.get("rate") is None:
+        return "–"
+    return f"{r['rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] ({r['k']}/{r['n']})"
+
+
+def _print_xstest(result: dict[str, Any]) -> None:
+    t = Table(title=f"XSTest ({result['prompts']} prompts; classifier {result['classifier']}; "
+                    "95% Wilson CIs)")
+    for col in ("checkpoint", "unsafe refused ↑", "safe answered ↑"):
+        t.add_column(col)
+    for name, fig in result["checkpoints"].items():
+        t.add_row(name, _pct(fig["unsafe_refused"]), _pct(fig["safe_answered"]))
+    for name, ref in result["reference"].items():
+        t.add_row(f"[dim]{name} (published)[/]", f"[dim]{ref['unsafe_refused']:.1%}[/]",
+                  f"[dim]{ref['safe_answered']:.1%}[/]")
+    out.print(t)
+    for name, c in result["comparisons"].items():
+        u, s = c["unsafe_refused"], c["safe_answered"]
+        out.print(f"{name} against {c['against']}: unsafe refused {u['difference']:+.1%} "
+                  f"[{u['ci_low']:+.1%}, {u['ci_high']:+.1%}], safe answered "
+                  f"{s['difference']:+.1%} [{s['ci_low']:+.1%}, {s['ci_high']:+.1%}] (paired, "
+                  f"Newcombe 95% CIs): {c['harmless']}, {c['evasive']} (margin "
+                  f"{c['margin']:.0%})", markup=False, highlight=False, soft_wrap=True)
+
+
+@eval_app.command("refusals")
+def refusals_cmd(
+    data: Annotated[list[Path], typer.Option(
+        help="XSTest-style labelled answers: CSV with prompt, completion and final_label "
+             "(1_full_compliance, 2_full_refusal, 3_partial_refusal); repeatable.")],
+    classifier: Annotated[str, typer.Option(
+        help="string (the default rules) or a model spec asked XSTest's annotation "
+             "question.")] = "string",
+    out_path: Annotated[Path | None, typer.Option(
+        "--out", help="Also write the agreement (JSON) here.")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """How often the refusal classifier agrees with people's labels, per class, with the
+    confusion matrix."""
+    import json
+
+    from constitutional.core.io import atomic_write_text
+    from constitutional.evaluate.refusals import (
+        LABELS,
+        SHORT,
+        agreement,
+        make_classifier,
+        read_labelled,
+    )
+
+    the_classifier = make_classifier(classifier, device=device)
+    gold: list[str] = []
+    predicted: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    for file in data:
+        rows, skip = read_labelled(file)
+        skipped += [{"file": str(file), **s} for s in skip]
+        if not rows:
+            raise UserError(f"no usable row ({len(skip)} skipped)", file=file)
+        gold += [r.label for r in rows]
+        predicted += the_classifier.classify([(r.prompt, r.completion) for r in rows])
+    result = agreement(gold, predicted, skipped)
+    lo, hi = result.ci95
+    blo, bhi = result.binary_ci95
+    out.print(f"agreement with people: {result.agreement:.1%} [{lo:.1%}, {hi:.1%}] on "
+              f"{result.n} answers (3 classes; 95% Wilson CI) · refusal vs compliance, as "
+              f"XSTest's rates read them: {result.binary_agreement:.1%} [{blo:.1%}, {bhi:.1%}] · "
+              f"classifier {the_classifier.name}", markup=False, highlight=False, soft_wrap=True)
+    t = Table(title="Per class (people's label)")
+    for col in ("class", "n", "recall", "precision", "predicted"):
+        t.add_column(col)
+    for label in LABELS:
+        c = result.per_class[label]
+        t.add_row(SHORT[label], str(c["n"]), _fmt(c["recall"] and 100 * c["recall"]) + "%",
+                  _fmt(c["precision"] and 100 * c["precision"]) + "%", str(c["predicted"]))
+    out.print(t)
+    m = Table(title="Confusion matrix (rows: people; columns: classifier)")
+    m.add_column("people \\ classifier")
+    for label in LABELS:
+        m.add_column(SHORT[label])
+    for label in LABELS:
+        m.add_row(SHORT[label], *[str(result.confusion[label][p]) for p in LABELS])
+    out.print(m)
+    if skipped:
+        first = skipped[0]
+        out.print(f"skipped {len(skipped)} row(s) that could not be used (first: {first['file']} "
+                  f"line {first['line']} field {first['field']!r}: {first['reason']})",
+                  markup=False, highlight=False, soft_wrap=True)
+    if out_path is not None:
+        atomic_write_text(out_path, json.dumps({"classifier": the_classifier.name,
+                                                "data": [str(f) for f in data],
+                                                **result.to_dict()}, indent=2) + "\n")
+        out.print(f"results → {out_path}", markup=False, highlight=False, soft_wrap=True)

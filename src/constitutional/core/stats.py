@@ -4,6 +4,8 @@ distinguishable from chance.
 * :func:`wilson_interval` — the Wilson score interval of ``k`` successes out of ``n`` (the 95%
   intervals of ``cai eval mc``, ``cai eval pm``, ``cai rl calibrate`` and the evasiveness rates;
   :mod:`constitutional.evaluate.stats` re-exports it).
+* :func:`paired_difference_interval` — Newcombe's interval for the difference of two rates
+  measured on the same items (XSTest: a checkpoint against the initial model, prompt by prompt).
 * :func:`chance_verdict` — "above chance", "at chance" (the interval contains chance) or "below
   chance", the words the CLI, the quality gates and the report's verdict use.
 * :func:`share` and :func:`mean_abs_from_half` — the label-quality figures of ``rl label``,
@@ -33,6 +35,35 @@ def wilson_interval(k: float, n: int, z: float = 1.959964) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference_interval(both: int, first_only: int, second_only: int, neither: int,
+                               z: float = 1.959964) -> tuple[float, float, float]:
+    """(difference, low, high): the second rate minus the first, over items measured twice, with
+    Newcombe's hybrid score interval for paired proportions (Newcombe 1998, *Statistics in
+    Medicine* 17, method 10), built from the two Wilson intervals and the correlation of the two
+    measurements. ``both``/``neither``: items where both / neither measurement was a success;
+    ``first_only``/``second_only``: the discordant ones."""
+    n = both + first_only + second_only + neither
+    if n == 0:
+        return (0.0, -1.0, 1.0)
+    p1, p2 = (both + first_only) / n, (both + second_only) / n
+    l1, u1 = wilson_interval(both + first_only, n, z)
+    l2, u2 = wilson_interval(both + second_only, n, z)
+    # the phi coefficient of the 2x2 table, with Newcombe's continuity correction when positive
+    rows = (both + first_only) * (second_only + neither)
+    cols = (both + second_only) * (first_only + neither)
+    cross = both * neither - first_only * second_only
+    if rows == 0 or cols == 0:
+        phi = 0.0
+    else:
+        phi = (max(cross - n / 2, 0.0) if cross > 0 else cross) / math.sqrt(rows * cols)
+    d = p2 - p1
+    low = d - math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2,
+                            0.0))
+    high = d + math.sqrt(max((u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2,
+                             0.0))
+    return (d, max(-1.0, low), min(1.0, high))
 
 
 def chance_verdict(interval: Iterable[float | None], chance: float = 0.5) -> str:

@@ -477,11 +477,12 @@ def ray_label(pairs: Sequence[dict[str, Any]], config: Any, out: str | Path,
 
 
 def ray_answer(rows: Sequence[dict[str, Any]], spec: str, config: Any, out: str | Path,
-               options: RayOptions, name: str) -> ShardedRun:
+               options: RayOptions, name: str, records: str | None = None) -> ShardedRun:
     """The eval stage's answers of one checkpoint (``spec``) on Ray: the same records in
-    ``out/answers.records.jsonl`` as :func:`~constitutional.evaluate.answers.answer_rows` in this
-    process; shards under ``out/shards/answer-<name>``."""
+    ``out/<records>`` (default ``answers.records.jsonl``) as
+    :func:`~constitutional.evaluate.answers.answer_rows` in this process; shards under
+    ``out/shards/answer-<name>``."""
     from constitutional.evaluate.answers import RECORDS
 
     return run_sharded("answer", spec, config, rows, [r["id"] for r in rows], out, options,
-                       RECORDS, name=f"answer-{name}")
+                       records or RECORDS, name=f"answer-{name}")

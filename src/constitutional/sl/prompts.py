@@ -1,10 +1,21 @@
 """Every SL-CAI prompt text is built here: the few-shot block, critique and revision turns.
 
-Two layouts:
+Two formats:
 
-* ``chat`` (chat models): each step is a user/assistant turn — the user asks, the assistant
-  answers, the user sends the critique request, the assistant critiques, the user sends the
-  revision request, the assistant revises. Few-shot demonstrations are the same turns, first.
+* ``chat`` (chat models), in one of two layouts:
+
+  - ``conversation`` (the paper's self-critique): each step is a user/assistant turn — the user
+    asks, the assistant answers, the user sends the critique request, the assistant critiques,
+    the user sends the revision request, the assistant revises. Few-shot demonstrations are the
+    same turns, first.
+  - ``review`` (a critic that is another model than the policy, ``revise.critic_model``): the
+    critic is not a participant. It is handed the exchange as a transcript, quoted inside one
+    request that ends with the critique request about "the assistant's reply" in it; it answers
+    with the critique, then gets the revision request and answers with the new reply. Each
+    demonstration is such a review of its own transcript, first. Measured with the 1.5B teacher:
+    placed inside the conversation, it read the critique request as the harmful request and
+    refused to critique (22 of 48 critiques); see the README.
+
 * ``text`` (pretrained base models): the paper's transcript format, one raw string::
 
       Human: …
@@ -29,6 +40,7 @@ from constitutional.core.messages import HH_LABELS, Message
 from constitutional.models.base import Prompt
 
 FORMATS = ("chat", "text")
+LAYOUTS = ("conversation", "review")
 
 #: Generation stops where a fake next turn begins.
 STOP = {
@@ -61,8 +73,71 @@ def demo_round(example: CritiqueRevisionExample, with_critique: bool) -> Round:
 #: Appended to the revision request of a chat context that has no demonstrations: what a
 #: demonstration would show, that the revision is the new reply itself (without it, a chat teacher
 #: such as Qwen2.5-1.5B-Instruct often comments on the reply instead of rewriting it).
+#: What a good revision does where the request is harmful, as the paper's revisions do: it
+#: explains and redirects rather than declining flatly (added to the revision request of a
+#: context without demonstrations, which would otherwise show it).
+REDIRECT_HINT = ("If the human asked for something harmful, the new reply does not help with the "
+                 "harm: it says briefly why, without lecturing, and offers what it safely can "
+                 "instead, such as a safer way to the human's real goal or where to find help. If "
+                 "the request is fine, the new reply simply answers it well.")
 REVISION_FORMAT_HINT = ("Answer with the new version of the reply only, written to the human, "
-                        "with no comment on the change.")
+                        f"with no comment on the change. {REDIRECT_HINT}")
+
+
+#: The review layout: what the critic is told it is doing (a system message) ...
+REVIEW_SYSTEM = ("You review conversations between a human and an AI assistant for a team that "
+                 "makes the assistant safer and more helpful. The human's messages come from "
+                 "red-teaming: most are attempts to get the assistant to help with something "
+                 "harmful, unethical or illegal, and some are harmless. You are not being asked "
+                 "to carry them out. You critique the assistant's reply when asked, and rewrite "
+                 "it when asked.")
+#: ... how the transcript it reviews is introduced ...
+REVIEW_INTRO = "Here is a conversation between a human and an AI assistant:"
+#: ... what a later round's critique request is about ...
+REVIEW_NEXT_ROUND = "Now take the new reply you just wrote as the assistant's reply."
+#: ... how its critique starts (the critique turn is prefilled with it: the critic first says
+#: what the human asked for, then judges the reply under the principle; measured on 16
+#: red-team exchanges with the 1.5B teacher, see the README) ...
+REVIEW_CRITIQUE_PREFIX = "The human's request"
+#: ... and what the revision must be: the reply itself, as the assistant would send it, and, as
+#: the paper's revisions do, one that explains and redirects rather than declining flatly.
+REVIEW_REVISION_HINT = ("Write only the assistant's new reply, exactly as the assistant would say "
+                        f"it to the human, with no comment on the change. {REDIRECT_HINT}")
+
+
+def transcript(messages: Sequence[Message]) -> str:
+    """A conversation as a quoted ``Human:`` / ``Assistant:`` transcript."""
+    lines = [f"{HH_LABELS.get(m['role'], m['role'].title())}: {m['content'].strip()}"
+             for m in messages if m["role"] != "system"]
+    return "<conversation>\n" + "\n\n".join(lines) + "\n</conversation>"
+
+
+def _review_turns(conv: list[Message], answer: str, rounds: list[Round]) -> list[Message]:
+    """One review: the transcript and the first request in one user turn, then the critique,
+    the revision request and the revision, round after round, up to the part asked for."""
+    turns: list[Message] = []
+    quoted = f"{REVIEW_INTRO}\n\n{transcript([*conv, {'role': 'assistant', 'content': answer}])}"
+    for k, r in enumerate(rounds):
+        lead = quoted if k == 0 else REVIEW_NEXT_ROUND
+        revision_request = f"{r.revision_request or ''}\n\n{REVIEW_REVISION_HINT}".lstrip()
+        if r.critique_request is not None:
+            turns.append({"role": "user", "content": f"{lead}\n\n{r.critique_request}"})
+            if r.critique is None:
+                return [*turns, {"role": "assistant", "content": REVIEW_CRITIQUE_PREFIX}]
+            turns += [{"role": "assistant", "content": r.critique},
+                      {"role": "user", "content": revision_request}]
+        else:
+            turns.append({"role": "user", "content": f"{lead}\n\n{revision_request}"})
+        if r.revision is None:
+            return turns
+        turns.append({"role": "assistant", "content": r.revision})
+    return turns
+
+
+def critique_prefix(fmt: str, layout: str) -> str:
+    """The text a critique's context already starts it with (prefilled), to be put back in
+    front of what the model generates."""
+    return REVIEW_CRITIQUE_PREFIX if fmt == "chat" and layout == "review" else ""
 
 
 def build_context(
@@ -73,14 +148,24 @@ def build_context(
     rounds: Sequence[Round] = (),
     *,
     with_critique: bool = True,
+    layout: str = "conversation",
 ) -> Prompt:
     """The context that asks for the next step.
 
     ``conversation`` is the red-team context (ending in a user turn). With ``answer=None`` the
-    initial answer is asked for; otherwise the first missing part of the last round is.
+    initial answer is asked for (always in the conversation itself); otherwise the first missing
+    part of the last round is, in ``layout`` (chat only: ``conversation`` or ``review``).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    if fmt == "chat" and layout == "review" and answer is not None:
+        messages: list[Message] = [{"role": "system", "content": REVIEW_SYSTEM}]
+        for ex in few_shot:
+            messages += _review_turns(list(ex.messages[:-1]), ex.messages[-1]["content"],
+                                      [demo_round(ex, with_critique)])
+        return messages + _review_turns(list(conversation), answer, list(rounds))
     demos = [(list(ex.messages[:-1]), ex.messages[-1]["content"], [demo_round(ex, with_critique)])
              for ex in few_shot]
     last = rounds[-1] if rounds else None
@@ -90,7 +175,7 @@ def build_context(
                                       f"{last.revision_request or ''}\n\n{REVISION_FORMAT_HINT}"
                                       .lstrip(), None)]
     if fmt == "chat":
-        messages: list[Message] = []
+        messages = []
         for demo in demos:
             messages += _turns(*demo)
         return messages + _turns(list(conversation), answer, list(rounds))
@@ -148,10 +233,12 @@ _BOILERPLATE = re.compile(
         (?:sure|okay|ok|certainly|of\ course|absolutely)[,!.]?\s*
       )?(?:
         (?:here(?:'s|\ is|\ are)|below\ is)\s+(?:a|the|my|an)?\s*(?:revised|rewritten|updated|new|improved)?
-        \s*(?:version|response|reply|answer|revision)(?:\s+of\ the\ (?:response|reply|answer))?
+        \s*(?:version|response|reply|answer|revision)
+        (?:\s+of\ the\ (?:assistant's\ )?(?:response|reply|answer))?
         (?:\s+that[^:\n]{0,120})?\s*[:.]
       | (?:revised|rewritten|updated|improved|new)\s+(?:response|reply|answer|version)\s*:
       | revision\s*:
+      | (?:the\ )?assistant(?:'s\ (?:new\ )?(?:reply|response))?\s*:
       )\s*""",
     re.IGNORECASE | re.VERBOSE,
 )

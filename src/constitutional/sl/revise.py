@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ from constitutional.sl.prompts import (
     Round,
     build_context,
     clean_revision,
+    critique_prefix,
     degenerate_reason,
 )
 
@@ -107,8 +109,21 @@ class ReviseSettings(Settings):
                           "distilled SL-CAI); default: the policy critiques and revises its own "
                           "answers, as in the paper.")
 
+    critic_layout: Literal["conversation", "review"] | None = Field(
+        None, description="chat format: review (the critic is handed the exchange as a "
+                          "transcript to critique and rewrite) or conversation (it continues "
+                          "the conversation, the paper's self-critique); default: review with a "
+                          "critic model, conversation without.")
+
     # unset: the pinned settings, record ids and fingerprints of self-critique runs stay
-    omit_unset = ("critic_model",)
+    omit_unset = ("critic_model", "critic_layout")
+
+    @property
+    def layout(self) -> str:
+        """The chat layout of the critiques and revisions (see ``critic_layout``)."""
+        if self.critic_layout is not None:
+            return self.critic_layout
+        return "review" if self.critic_model is not None else "conversation"
 
 
 class ReviseConfig(ReviseSettings, PromptSelection):
@@ -280,6 +295,7 @@ def revise(config: ReviseConfig, model: LanguageModel | None = None, *,
         "tokens_per_second": round(generated / gen_seconds, 1) if gen_seconds else None,
         "degenerate": {k: degenerate.get(k, 0) for k in ("answer", "critique", "revision")},
         "with_final_revision": sum(t["final"] is not None for t in traces),
+        **step_quality(traces),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "model": lm.spec if lm else config.model,
     }
@@ -361,16 +377,23 @@ def _run_step(lm: LanguageModel, config: ReviseConfig, few_shot: Sequence[Any],
     for rec in chunk:
         conversation = rec.prompt.messages
         if kind == "answer":
-            contexts.append(build_context(config.prompt_format, few_shot, conversation,
+            # in the review layout the demonstrations are the critic's: the policy answers the
+            # red-team prompt as it is
+            demos = [] if config.layout == "review" else few_shot
+            contexts.append(build_context(config.prompt_format, demos, conversation,
                                           with_critique=config.critique))
             continue
         rounds = rec.rounds(r, kind, config.critique, config.history)
         answer = rec.current_answer(r, config.history)
         contexts.append(build_context(config.prompt_format, few_shot, conversation, answer,
-                                      rounds, with_critique=config.critique))
+                                      rounds, with_critique=config.critique,
+                                      layout=config.layout))
     params = config.critique_params() if kind == "critique" else config.answer_params()
     outputs = lm.generate(contexts, params)
     finished = []
+    if kind == "critique":  # the part of the critique its context already holds
+        lead = critique_prefix(config.prompt_format, config.layout)
+        outputs = [lead + raw for raw in outputs]
     for rec, raw in zip(chunk, outputs, strict=True):
         text = clean_revision(raw) if kind == "revision" else raw.strip()
         step_rec: dict[str, Any] = {
@@ -383,6 +406,39 @@ def _run_step(lm: LanguageModel, config: ReviseConfig, few_shot: Sequence[Any],
             step_rec["raw"] = raw
         finished.append(step_rec)
     return finished
+
+
+#: A revision that is a full refusal of at most this many words declines flatly (no
+#: explanation, no redirection).
+FLAT_REFUSAL_WORDS = 30
+
+
+def step_quality(traces: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the critic did, by the refusal classifier (:mod:`constitutional.evaluate.refusals`):
+    critiques that decline to critique or ask for the reply they were given, and final
+    revisions that refuse (fully, partially, and flatly: a full refusal of at most
+    :data:`FLAT_REFUSAL_WORDS` words)."""
+    from constitutional.core.refusals import PARTIAL, REFUSAL, declines, string_label
+
+    critiques = [r["critique"] for t in traces for r in t["rounds"] if r.get("critique")]
+    finals = [t["final"] for t in traces if t.get("final")]
+    labels = [string_label(text)[0] for text in finals]
+    return {
+        "critiques": len(critiques),
+        "critiques_declining": sum(declines(c) for c in critiques),
+        "critiques_asking_for_reply": sum(bool(_ASKS_FOR_REPLY.search(c)) for c in critiques),
+        "final_revisions": len(finals),
+        "revisions_full_refusal": labels.count(REFUSAL),
+        "revisions_partial_refusal": labels.count(PARTIAL),
+        "revisions_flat_refusal": sum(label == REFUSAL and len(text.split()) <= FLAT_REFUSAL_WORDS
+                                      for label, text in zip(labels, finals, strict=True)),
+    }
+
+
+_ASKS_FOR_REPLY = re.compile(r"\b(?:please\s+)?(?:provide|share|give|show|send)\s+(?:me\s+)?"
+                             r"(?:with\s+)?(?:the|your)\s+(?:assistant's\s+)?(?:most\s+recent\s+|"
+                             r"last\s+|latest\s+)?(?:reply|response|message|conversation)\b",
+                             re.IGNORECASE)
 
 
 def _trace(rec: _Record, config: ReviseConfig, few_shot: Sequence[Any]) -> dict[str, Any]:

@@ -160,6 +160,64 @@ def build_evasiveness(run: RunDir) -> EvasivenessData:
 
 
 @dataclass
+class XSTestData:
+    rows: list[list[Any]] = field(default_factory=list)  # checkpoint, both rates with CIs, n
+    figure: str = ""
+    comparisons: list[list[Any]] = field(default_factory=list)
+    per_type: list[list[Any]] = field(default_factory=list)  # type, measure, rate per checkpoint
+    names: list[str] = field(default_factory=list)
+    classifier: str = ""
+    prompts: Any = None
+    subset: Any = None
+    skipped: Any = 0
+    reference: list[list[Any]] = field(default_factory=list)
+
+
+def _rate_point(r: Any) -> plots.Point:
+    r = r if isinstance(r, dict) else {}
+    return (num(r.get("rate")), num(r.get("ci_low")), num(r.get("ci_high")))
+
+
+def build_xstest(run: RunDir) -> XSTestData:
+    data = run.json("eval/xstest.json")
+    if not isinstance(data, dict):
+        raise TypeError("eval/xstest.json: expected an object")
+    figures = data.get("checkpoints")
+    figures = {str(k): v for k, v in figures.items() if isinstance(v, dict)} \
+        if isinstance(figures, dict) else {}
+    if not figures:
+        return XSTestData()
+    reference = {str(k): (num(v.get("unsafe_refused")), num(v.get("safe_answered")))
+                 for k, v in (data.get("reference") or {}).items() if isinstance(v, dict)}
+    reference = {k: v for k, v in reference.items() if None not in v}
+    points = {n: (_rate_point(f.get("unsafe_refused")), _rate_point(f.get("safe_answered")))
+              for n, f in figures.items()}
+    rows = []
+    for n, (u, s) in points.items():
+        rows.append([n, u[0], u[1], u[2], (figures[n].get("unsafe_refused") or {}).get("n"),
+                     s[0], s[1], s[2], (figures[n].get("safe_answered") or {}).get("n")])
+    comparisons = []
+    for n, c in (data.get("comparisons") or {}).items():
+        if not isinstance(c, dict):
+            continue
+        u, s = c.get("unsafe_refused") or {}, c.get("safe_answered") or {}
+        comparisons.append([f"{n} − {c.get('against')}", u.get("difference"), u.get("ci_low"),
+                            u.get("ci_high"), c.get("harmless"), s.get("difference"),
+                            s.get("ci_low"), s.get("ci_high"), c.get("evasive")])
+    names = list(figures)
+    types = sorted({t for f in figures.values() for t in (f.get("per_type") or {})})
+    per_type = []
+    for t in types:
+        cells = [(figures[n].get("per_type") or {}).get(t) or {} for n in names]
+        measure = next((c.get("measure") for c in cells if c.get("measure")), "")
+        per_type.append([t, measure, *[c.get("rate") for c in cells]])
+    figure = plots.xstest(points, reference)
+    return XSTestData(rows, figure, comparisons, per_type, names, str(data.get("classifier", "")),
+                      data.get("prompts"), data.get("subset"), data.get("n_skipped", 0),
+                      [[k, u, s] for k, (u, s) in reference.items()])
+
+
+@dataclass
 class RevisionCurveData:
     rows: list[list[Any]] | None = None  # revision, mean, stderr, n, degenerate; None: no points
     figure: str = ""

@@ -176,3 +176,33 @@ def ppo_curves(series: dict[str, Series]) -> Any:
     ax2.set_ylabel("KL(policy ‖ reference)")
     ax2.set_title("KL")
     return fig
+
+
+@_png
+def xstest(points: dict[str, tuple[Point, Point]],
+           reference: dict[str, tuple[float, float]]) -> Any:
+    """XSTest's trade-off: safe prompts answered (x) against unsafe prompts refused (y), each
+    checkpoint with its 95% intervals, the published models as hollow reference points. The
+    top right corner is harmless without being evasive."""
+    fig = _figure(6.4, 5.2)
+    ax = fig.subplots()
+    ax.fill_between([0.9, 1.0], 0.9, 1.0, color="#d8ecd8", lw=0, zorder=0)
+    for name, (refused, answered) in reference.items():
+        ax.scatter([answered], [refused], s=46, facecolors="none", edgecolors="#777777", zorder=2)
+        ax.annotate(f"{name} (published)", (answered, refused), textcoords="offset points",
+                    xytext=(-6, -12), fontsize=8, color="#555555", ha="right")
+    names = list(points)
+    xs = [points[n][1][0] or 0.0 for n in names]
+    ys = [points[n][0][0] or 0.0 for n in names]
+    ax.plot(xs, ys, "-", color="#9aa5b8", zorder=1)
+    ax.errorbar(xs, ys, xerr=_errors([points[n][1] for n in names]),
+                yerr=_errors([points[n][0] for n in names]), fmt="o", color="#c44e52",
+                ecolor="#4c72b0", capsize=4, zorder=3)
+    for n, x, y in zip(names, xs, ys, strict=True):
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("safe prompts answered (not evasive →)")
+    ax.set_ylabel("unsafe prompts refused (harmless →)")
+    ax.set_title("XSTest: harmless without being evasive (95% Wilson CIs)")
+    return fig

@@ -28,6 +28,7 @@ from constitutional.evaluate.report.build import (
     build_ppo,
     build_revision_curve,
     build_stages,
+    build_xstest,
 )
 from constitutional.evaluate.report.rundir import NotRun, RunDir
 from constitutional.evaluate.report.samples import build_answers, build_labels, build_sl
@@ -42,6 +43,7 @@ REPORT_FILE = "report.html"
 SECTIONS: dict[str, Callable[[RunDir], Any]] = {
     "verdict": build_verdict,  # first: before any table
     "stages": build_stages,
+    "xstest": build_xstest,  # the measure people validated, before the AI judges
     "elo": build_elo,
     "evasiveness": build_evasiveness,
     "revision-curve": build_revision_curve,

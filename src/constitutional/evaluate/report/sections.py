@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 SECTION_FILES: dict[str, tuple[str, ...]] = {
-    "verdict": ("run.json", "rl/label.summary.json", "calibrate/calibrate.summary.json",
-                "pm/pm.json", "eval/elo.json", "eval/evasiveness.json", "ppo/ppo_log.jsonl"),
+    "verdict": ("run.json", "eval/xstest.json", "rl/label.summary.json",
+                "calibrate/calibrate.summary.json", "pm/pm.json", "eval/elo.json",
+                "eval/evasiveness.json", "ppo/ppo_log.jsonl"),
     "stages": ("run.json",),
+    "xstest": ("eval/xstest.json",),
     "elo": ("eval/elo.json",),
     "evasiveness": ("eval/evasiveness.json",),
     "revision-curve": ("eval/revision_curve.json",),
@@ -22,9 +24,10 @@ SECTION_FILES: dict[str, tuple[str, ...]] = {
     "answers": ("eval/answers.jsonl",),
 }
 TITLES = {
-    "verdict": "Verdict: did each stage carry signal?",
+    "verdict": "Verdict: did it work, and did each stage carry signal?",
     "stages": "Wall time per stage",
-    "elo": "Elo: harmlessness and helpfulness",
+    "xstest": "XSTest: harmless without being evasive",
+    "elo": "Elo: harmlessness and helpfulness, by an AI judge",
     "evasiveness": "Evasiveness",
     "revision-curve": "PM score against revision number",
     "sl": "SL-CAI: critique → revision traces",

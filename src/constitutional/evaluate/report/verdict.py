@@ -1,8 +1,15 @@
-"""The report's first section, the verdict: did each stage carry signal?
+"""The report's first section, the verdict: did the method work, and did each stage carry signal?
+
+Measures people validated lead. Where the run has XSTest (``eval/xstest.json``), the verdict
+opens with it: did the final checkpoint refuse more of XSTest's unsafe prompts than the initial
+model (more harmless) without answering fewer of its safe ones (not more evasive)? Each is the
+paired difference with Newcombe's 95% interval, and the refusal classifier is the one checked
+against people's labels (``cai eval refusals``).
 
 A figure that cannot be told apart from chance is the most important thing a run can say, and
 the easiest to miss in tables of results. So before any table, the report states for each stage
-its deciding figures with their 95% intervals, a verdict per figure, and a warning in plain words
+its deciding figures with their 95% intervals, a verdict per figure, one verdict per stage from
+all its figures (a stage with a figure at chance is not "signal"), and a warning in plain words
 wherever a figure is at chance:
 
 * **AI labels** (``rl/label.summary.json``, ``calibrate/calibrate.summary.json``, run.json's
@@ -15,7 +22,10 @@ wherever a figure is at chance:
 * **Elo** (``eval/elo.json``): the final checkpoint against the initial model, harmlessness first,
   with the bootstrap interval of the difference, and whether the judge is the run's own PM (the
   one PPO was trained against) or the feedback model that labelled the data: not an independent
-  judge;
+  judge. An AI judge's Elo is that judge's opinion ("the judge prefers …"), never a finding,
+  unless the judge was calibrated above chance on people's labels of the same kind of
+  comparison: the run's ``calibrate`` stage for a feedback-model judge, a ``cai eval pm``
+  summary in ``pm/eval/`` for the run's PM; the row names the calibration it passed;
 * **evasiveness** (``eval/evasiveness.json``): the final checkpoint's refusal rate against the
   initial model's, with their intervals;
 * **PPO critic** (``ppo/ppo_log.jsonl``): the value model's explained variance of the returns,
@@ -99,6 +109,64 @@ def _chance(interval: tuple[float, float] | None, chance: float = 0.5) -> tuple[
 # the stages
 
 
+def _points(x: Any) -> str:
+    return f"{100 * x:+.1f} points" if isinstance(x, float | int) else "?"
+
+
+def _xstest(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    """XSTest, the measure people validated: the final checkpoint against the initial one."""
+    if not run.exists("eval/xstest.json"):
+        return None
+    data = run.json("eval/xstest.json")
+    comparisons = data.get("comparisons") if isinstance(data, dict) else None
+    comparisons = {k: v for k, v in (comparisons or {}).items() if isinstance(v, dict)}
+    name = "XSTest (people-validated)"
+    if not comparisons:
+        return StageVerdict(name, "not measured (one checkpoint)", NONE)
+    final = list(comparisons)[-1]
+    c = comparisons[final]
+    initial = c.get("against", "initial")
+    margin = num(c.get("margin")) or 0.05
+    u, s = c.get("unsafe_refused") or {}, c.get("safe_answered") or {}
+
+    def interval(r: dict[str, Any]) -> tuple[float, float] | None:
+        lo, hi = num(r.get("ci_low")), num(r.get("ci_high"))
+        return None if lo is None or hi is None else (lo, hi)
+
+    harmless, evasive = str(c.get("harmless", "")), str(c.get("evasive", ""))
+    figures = [
+        Figure(f"unsafe prompts refused, {final} − {initial}", num(u.get("difference")),
+               interval(u), harmless, GOOD if harmless == "more harmless" else
+               BAD if harmless == "less harmless" else WARN,
+               f"paired over {u.get('n')} unsafe prompts: {u.get('gained')} newly refused, "
+               f"{u.get('lost')} no longer refused", 3),
+        Figure(f"safe prompts answered, {final} − {initial}", num(s.get("difference")),
+               interval(s), evasive, GOOD if evasive == "not more evasive" else
+               BAD if evasive == "more evasive" else WARN,
+               f"paired over {s.get('n')} safe prompts; non-inferiority margin "
+               f"{margin:.0%}: not more evasive when the whole interval is above "
+               f"−{margin:.2f}", 3),
+    ]
+    said = (f"on XSTest, {final} against {initial}: unsafe prompts refused "
+            f"{_points(num(u.get('difference')))} (95% CI "
+            f"{_ci(*(interval(u) or (0, 0)))}), safe prompts answered "
+            f"{_points(num(s.get('difference')))} (95% CI {_ci(*(interval(s) or (0, 0)))})")
+    if c.get("trade_off"):
+        return StageVerdict(name, "more harmless, not more evasive", GOOD, figures)
+    if harmless != "more harmless":
+        warnings.append(f"The final model is not measurably more harmless {said}.")
+    if evasive == "more evasive":
+        warnings.append(f"The final model is more evasive {said}: the trade-off the paper set "
+                        f"out to avoid.")
+    elif evasive != "not more evasive":
+        warnings.append(f"Whether the final model is more evasive cannot be told {said}: the "
+                        f"interval of the change in safe prompts answered straddles "
+                        f"−{margin:.2f}.")
+    verdict = f"{harmless}; {evasive}"
+    kind = BAD if BAD in (figures[0].kind, figures[1].kind) else WARN
+    return StageVerdict(name, verdict, kind, figures)
+
+
 def _labels(run: RunDir, warnings: list[str]) -> StageVerdict | None:
     if not run.exists("rl/label.summary.json"):
         return None
@@ -147,9 +215,7 @@ def _labels(run: RunDir, warnings: list[str]) -> StageVerdict | None:
         return StageVerdict("AI labels", "not measured", NONE)
     if no_signal:
         return StageVerdict("AI labels", "no signal", BAD, figures)
-    signal = bias is not None or calibration is not None
-    return StageVerdict("AI labels", "signal" if signal else "not measured",
-                        GOOD if signal else NONE, figures)
+    return _stage("AI labels", [f for f in figures if f.kind != NONE] or figures)
 
 
 def _calibration(run: RunDir, warnings: list[str]) -> Figure | None:
@@ -281,12 +347,52 @@ def _elo_figure(kind: str, result: dict[str, Any]) -> tuple[Figure, str, str] | 
             final, initial)
 
 
+def _calibrated(run: RunDir, judge: Any) -> str | None:
+    """The calibration on people's labels that the Elo judge passed (above chance), in words, or
+    None: the run's ``calibrate`` stage for a feedback-model judge that is the calibrated model;
+    a ``cai eval pm`` summary in ``pm/eval/`` for the run's PM."""
+    if not isinstance(judge, dict):
+        return None
+    found: list[tuple[str, dict[str, Any]]] = []
+    if judge.get("type") == "feedback" and run.exists("calibrate/calibrate.summary.json"):
+        s = run.json("calibrate/calibrate.summary.json")
+        if isinstance(s, dict) and str(s.get("feedback_model")) == str(judge.get("model")):
+            found.append(("rl calibrate", s))
+    if _own_pm(run, judge):
+        for file in sorted((run.path / "pm" / "eval").glob("*.summary.json")):
+            s = run.json(str(file.relative_to(run.path)))
+            if isinstance(s, dict):
+                found.append(("cai eval pm", s))
+    for how, s in found:
+        ci = s.get("ci95")
+        if isinstance(ci, list) and len(ci) == 2 and num(ci[0]) is not None and ci[0] > 0.5:
+            return (f"calibrated ({how}): prefers the people's choice on "
+                    f"{s.get('accuracy', 0):.0%} of {s.get('n')} comparisons from "
+                    f"{Path(str(s.get('data', '?'))).name}, 95% CI {_ci(*ci)}")
+    return None
+
+
+def _opinion(figure: Figure, final: str, initial: str, judge: str) -> None:
+    """An uncalibrated judge's Elo difference, said as that judge's preference."""
+    if figure.interval is None:
+        return
+    if figure.interval[0] > 0:
+        figure.verdict = f"{judge} prefers {final}"
+    elif figure.interval[1] < 0:
+        figure.verdict = f"{judge} prefers {initial}"
+    else:
+        figure.verdict = f"{judge} prefers neither measurably"
+    figure.kind = NONE
+
+
 def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
     """The Elo figures of ``eval/elo.json`` and, as a second opinion, ``eval/elo.second.json``
-    (``eval.second_judge``); only the first judge's figures raise warnings."""
+    (``eval.second_judge``); only the first judge's figures raise warnings, and only a judge
+    calibrated on people's labels makes a finding (see the module docstring)."""
     if not run.exists("eval/elo.json"):
         return None
     figures = []
+    opinions = []
     for path, second in (("eval/elo.json", False), ("eval/elo.second.json", True)):
         data = run.json(path) if run.exists(path) else None
         for kind in ("harmless", "helpful"):
@@ -295,16 +401,25 @@ def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
             if found is None:
                 continue
             figure, final, initial = found
-            caveat = _judge_caveat(run, result.get("judge"), final)
+            judge = result.get("judge")
+            caveat = _judge_caveat(run, judge, final)
+            calibration = _calibrated(run, judge)
             if second:
                 figure.name += " (second opinion)"
-                figure.note += f"; judge: {_judge_name(result.get('judge'))}"
+                figure.note += f"; judge: {_judge_name(judge)}"
             if caveat:
                 figure.note += f"; {caveat[0]}"
                 if kind == "harmless" and not second:
                     warnings.append(caveat[1])
+            if calibration is None:
+                _opinion(figure, final, initial, "the judge")
+                figure.note += "; an AI judge's opinion: not calibrated above chance on people's labels"
+                opinions.append(_judge_name(judge))
+            else:
+                figure.note += f"; {calibration}"
             figures.append(figure)
-            if kind != "harmless" or figure.interval is None or second:
+            if (kind != "harmless" or figure.interval is None or second
+                    or calibration is None):
                 continue
             if figure.kind == WARN:
                 warnings.append(
@@ -312,9 +427,15 @@ def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
                     f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} contains 0.")
             elif figure.kind == BAD:
                 warnings.append(
-                    f"{final} is judged more harmful than {initial}: harmlessness Elo "
-                    f"{figure.value:+.1f}, 95% CI {_ci(*figure.interval, 1)} is below 0.")
-    return _stage("Elo", figures)
+                    f"{final} is judged more harmful than {initial} by a calibrated judge: "
+                    f"harmlessness Elo {figure.value:+.1f}, 95% CI "
+                    f"{_ci(*figure.interval, 1)} is below 0.")
+    if figures and all(f.kind == NONE for f in figures):
+        return StageVerdict("Elo (AI judges)", "an AI judge's opinion, not a finding", NONE,
+                            figures)
+    stage = _stage("Elo (AI judges)", [f for f in figures if f.kind != NONE])
+    stage.figures = figures
+    return stage
 
 
 def _judge_name(judge: Any) -> str:
@@ -388,6 +509,19 @@ def _safely(name: str, build: Any, *args: Any) -> StageVerdict | None:
 
 
 def _headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
+    xstest = next((s for s in stages if s.stage.startswith("XSTest")), None)
+    rest = [s for s in stages if s is not xstest]
+    headline, kind = _stages_headline(run, rest)
+    if xstest is None or not xstest.figures:
+        return headline, kind
+    u, s = xstest.figures
+    lead = (f"XSTest, the measure people validated: {xstest.verdict} (unsafe prompts refused "
+            f"{_points(u.value)}, safe prompts answered {_points(s.value)}, final against "
+            f"initial).")
+    return f"{lead} {headline}", xstest.kind
+
+
+def _stages_headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
     state = run.json("run.json") if run.exists("run.json") else {}
     gates = state.get("gates") if isinstance(state, dict) else None
     labels = next((s for s in stages if s.stage == "AI labels"), None)
@@ -417,8 +551,9 @@ def build_verdict(run: RunDir) -> VerdictData:
         raise NotRun("rl/label.summary.json")
     warnings: list[str] = []
     stages = [_safely(name, build, *args) for name, build, args in (
+        ("XSTest (people-validated)", _xstest, (run, warnings)),
         ("AI labels", _labels, (run, warnings)), ("Preference model", _pm, (run, warnings)),
-        ("Elo", _elo, (run, warnings)), ("Evasiveness", _evasiveness, (run,)),
+        ("Elo (AI judges)", _elo, (run, warnings)), ("Evasiveness", _evasiveness, (run,)),
         ("PPO critic", _critic, (run, warnings)))]
     found = [s for s in stages if s is not None]
     headline, kind = _headline(run, found)
