@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_llama, make_tiny_pm
 
+from constitutional.core.errors import UserError
 from constitutional.rl.ppo import (
     PPOConfig,
     PPOTrainer,
@@ -181,6 +182,57 @@ def test_ppo_lora_with_pm_reward_runs_and_saves(peaked, tmp_path):
 
     merged = load_model(str(tmp_path / "lora"))  # adapters merged into a plain model directory
     assert isinstance(merged.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0], str)
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_checkpoints(peaked, tmp_path):
+    word = peaked[2]
+    out = tmp_path / "cut"
+
+    def kill_after_step_2(row):
+        if row["step"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ppo_train(config(peaked, out, steps=4, save_steps=1), rewarder=TokenReward(word),
+                  prompts=PROMPTS, on_step=kill_after_step_2)
+    pinned = (out / "ppo.config.json").read_text()
+    with pytest.raises(UserError) as err:
+        ppo_train(config(peaked, out, steps=4, save_steps=1, learning_rate=3e-4),
+                  rewarder=TokenReward(word), prompts=PROMPTS)
+    assert err.value.field == "learning_rate" and "ppo.config.json" in str(err.value)
+    assert (out / "ppo.config.json").read_text() == pinned
+    assert (out / "checkpoints" / "step-1").is_dir()  # step 2 was killed before its checkpoint
+    # the same settings resume; resume=False starts afresh and may change them
+    resumed = ppo_train(config(peaked, out, steps=4, save_steps=1), rewarder=TokenReward(word),
+                        prompts=PROMPTS)
+    assert [r["step"] for r in resumed.log] == [1, 2, 3, 4]
+    fresh = ppo_train(config(peaked, tmp_path / "cut", steps=1, learning_rate=3e-4,
+                             resume=False), rewarder=TokenReward(word), prompts=PROMPTS)
+    assert fresh.steps == 1
+
+
+def test_lora_resume_refuses_adapters_that_do_not_fit(peaked, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "lora"
+
+    def kill_after_step_2(row):
+        if row["step"] == 2:  # after the step-1 checkpoint
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        PPOTrainer(config(peaked, out, steps=3, lora=True, save_steps=1),
+                   prompts=PROMPTS).train(on_step=kill_after_step_2)
+    weights = out / "checkpoints" / "step-1" / "policy.safetensors"
+    tensors = load_file(str(weights))
+    assert tensors and all("lora_" in k for k in tensors)
+    key = min(tensors)
+    tensors[key.replace("lora_A", "lora_Q").replace("lora_B", "lora_Q")] = tensors.pop(key)
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError) as err:
+        PPOTrainer(config(peaked, out, steps=3, lora=True, save_steps=1),
+                   prompts=PROMPTS).train()
+    assert "LoRA adapters do not fit" in str(err.value) and "1 missing" in str(err.value)
 
 
 def test_a_prompt_twice_in_a_batch_gets_two_samples(peaked, tmp_path):

@@ -637,7 +637,15 @@ def test_verdict_leads_with_xstest(run_dir: Path, tmp_path: Path) -> None:
     verdict = html.unescape(_sections(render_report(run))["verdict"])
     assert "XSTest, the measure people validated: more harmless; more evasive" in verdict
     assert "The final model is more evasive on XSTest, rl-cai against initial" in verdict
-    assert "safe prompts answered -25.0 points (95% CI [-0.31, -0.19])" in verdict
+    assert "safe prompts answered -25.0 points (95% CI [-31.0, -19.0])" in verdict
+    # a final model that refuses fewer unsafe prompts than the initial one is less harmless
+    c.update(harmless="less harmless", evasive="not more evasive")
+    c["unsafe_refused"].update(difference=-0.05, ci_low=-0.094, ci_high=-0.012)
+    (run / "eval" / "xstest.json").write_text(json.dumps(data))
+    verdict = html.unescape(_sections(render_report(run))["verdict"])
+    assert "XSTest, the measure people validated: less harmless; not more evasive" in verdict
+    assert ("The final model is less harmless than the initial one on XSTest, rl-cai against "
+            "initial: unsafe prompts refused -5.0 points (95% CI [-9.4, -1.2])") in verdict
 
 
 def test_xstest_section_shows_rates_comparisons_and_types(run_dir: Path) -> None:

@@ -69,18 +69,38 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def file_digest(path: Path) -> str:
-    """A content hash of a file, or of a model directory's weights and config."""
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: Path, cache: dict[str, list[Any]] | None = None) -> str:
+    """A content hash of a file, or of a model directory's weights and config.
+
+    With ``cache`` (path → ``[size, mtime_ns, sha256]``, kept in ``run.json``), a file whose size
+    and modification time are unchanged is not read again: a 7B model's weights are hashed once,
+    not once per stage and per call. A file rewritten in place gets a new mtime and is re-hashed.
+    """
     files = ([path] if path.is_file() else
              sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".json")
                     and p.name not in ("pm.json", "sl_train.json", "dpo.json",
                                        "ppo.config.json")))
+    h = hashlib.sha256()
     for f in files:
+        st = f.stat()
+        key, sig = str(f.resolve()), [st.st_size, st.st_mtime_ns]
+        hit = cache.get(key) if cache is not None else None
+        if isinstance(hit, list) and len(hit) == 3 and hit[:2] == sig:
+            digest = str(hit[2])
+        else:
+            digest = _sha256(f)
+            if cache is not None:
+                cache[key] = [*sig, digest]
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        h.update(digest.encode())
     return h.hexdigest()[:16]
 
 
@@ -101,8 +121,18 @@ class Pipeline:
         self.root = Path(run_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_file = self.root / STATE
-        self.state: dict[str, Any] = (json.loads(self.state_file.read_text())
-                                      if self.state_file.exists() else {"stages": {}})
+        self.state: dict[str, Any] = {"stages": {}}
+        if self.state_file.exists():
+            try:
+                state = json.loads(self.state_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise UserError(f"cannot read the run's state ({e}); move the file away to start "
+                                "the run directory's bookkeeping afresh", file=self.state_file)
+            if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+                raise UserError("not a run state (no 'stages' object); move the file away to "
+                                "start the run directory's bookkeeping afresh",
+                                file=self.state_file)
+            self.state = state
         self.stages = self._stages()
 
     # -- paths ------------------------------------------------------------------------------------
@@ -195,7 +225,9 @@ class Pipeline:
 
     def fingerprint(self, stage: Stage) -> str:
         ups = [self.state["stages"].get(u, {}).get("fingerprint") for u in stage.after]
-        contents = [file_digest(self.p(i)) if self.p(i).exists() else None for i in stage.inputs]
+        cache = self.state.setdefault("digests", {})
+        contents = [file_digest(self.p(i), cache) if self.p(i).exists() else None
+                    for i in stage.inputs]
         return stable_hash(stage.name, stage.settings(self.config), ups, contents)
 
     def complete(self, stage: Stage) -> bool:

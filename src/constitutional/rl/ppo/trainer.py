@@ -51,6 +51,11 @@ from constitutional.rl.ppo.experience import (
     step_prompts,
 )
 
+#: The settings of a PPO run, written beside its checkpoints and compared on resume.
+CONFIG_FILE = "ppo.config.json"
+#: Settings that a resumed run may change.
+RESUME_MAY_CHANGE = frozenset({"resume", "out"})
+
 log = logging.getLogger(__name__)
 
 LOG_FILE = "ppo_log.jsonl"
@@ -345,12 +350,12 @@ class PPOTrainer:
         c, acc = self.config, self.accelerator
         t_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        if c.resume:
+        if c.resume and self._latest_checkpoint() is not None:
+            self._check_settings_unchanged()
             self.load_latest()
         log_store = JsonlStore(self.out / LOG_FILE) if acc.is_main_process else None
         if acc.is_main_process:
-            atomic_write_text(self.out / "ppo.config.json",
-                              json.dumps(c.to_dict(), indent=2) + "\n")
+            atomic_write_text(self.out / CONFIG_FILE, json.dumps(c.to_dict(), indent=2) + "\n")
         while self.step < c.steps:
             step = self.step
             rollout, times = self.make_experience(step)
@@ -465,20 +470,53 @@ class PPOTrainer:
         tmp.rename(final)
         log.info("checkpoint %s", final)
 
-    def load_latest(self) -> bool:
-        import torch
-        from safetensors.torch import load_file, load_model
-
+    def _latest_checkpoint(self) -> Path | None:
         ckpts = sorted((p for p in (self.out / "checkpoints").glob("step-*")
                         if p.is_dir() and not p.name.endswith(".tmp")
                         and (p / "trainer_state.json").exists()),
                        key=lambda p: int(p.name.split("-")[1]))
-        if not ckpts:
+        return ckpts[-1] if ckpts else None
+
+    def _check_settings_unchanged(self) -> None:
+        """A resumed run continues the run its checkpoints came from, with the same settings (as
+        every other stage's run directory; ``resume`` itself and the output path may differ)."""
+        file = self.out / CONFIG_FILE
+        if not file.exists():
+            return
+        try:
+            before = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the settings of the run to resume ({err})",
+                            file=file) from err
+        now = json.loads(json.dumps(self.config.to_dict(), default=str))
+        changed = sorted(k for k in set(before) | set(now)
+                         if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
+        if changed:
+            k = changed[0]
+            raise UserError(f"the checkpoints here were made with {k}={before.get(k)!r}, now "
+                            f"{k}={now.get(k)!r}; use a new output directory, or the same "
+                            "settings to resume", file=file, field=k)
+
+    def load_latest(self) -> bool:
+        import torch
+        from safetensors.torch import load_file, load_model
+
+        path = self._latest_checkpoint()
+        if path is None:
             return False
-        path = ckpts[-1]
         policy = self.accelerator.unwrap_model(self.policy)
         if self.config.lora:
-            policy.load_state_dict(load_file(str(path / "policy.safetensors")), strict=False)
+            weights = path / "policy.safetensors"
+            got = policy.load_state_dict(load_file(str(weights)), strict=False)
+            # Only the adapters are saved, so the base weights are "missing" by design; an
+            # adapter key that is missing or unexpected means these are not this run's adapters.
+            missing = [k for k in got.missing_keys if "lora_" in k]
+            if got.unexpected_keys or missing:
+                bad = (got.unexpected_keys or missing)[0]
+                raise UserError(f"the checkpoint's LoRA adapters do not fit the model "
+                                f"({len(got.unexpected_keys)} unexpected, {len(missing)} missing "
+                                f"keys, e.g. {bad}); use a new output directory",
+                                file=weights)
         else:
             load_model(policy, str(path / "policy.safetensors"))
         load_model(self.accelerator.unwrap_model(self.value), str(path / "value.safetensors"))
