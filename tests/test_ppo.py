@@ -235,6 +235,28 @@ def test_lora_resume_refuses_adapters_that_do_not_fit(peaked, tmp_path):
     assert "LoRA adapters do not fit" in str(err.value) and "1 missing" in str(err.value)
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "broken config", "no weights"])
+def test_a_policy_or_value_model_that_cannot_load_is_one_line(peaked, tmp_path, damage):
+    import shutil
+
+    policy, pm, _, _ = peaked
+    for role, src in (("policy", policy), ("value model", pm)):
+        bad = tmp_path / f"{role}-{damage}".replace(" ", "-")
+        shutil.copytree(src, bad)
+        weights = bad / "model.safetensors"
+        if damage == "truncated weights":
+            weights.write_bytes(weights.read_bytes()[:1000])
+        elif damage == "broken config":
+            (bad / "config.json").write_text('{"model_type": "llama", ')
+        else:
+            weights.unlink()
+        kw = {"policy": str(bad)} if role == "policy" else {"pm": str(bad)}
+        with pytest.raises(UserError) as err:
+            PPOTrainer(config(peaked, tmp_path / "out", steps=1, **kw), prompts=PROMPTS)
+        message = str(err.value)
+        assert "cannot load the" in message and str(bad) in message and "\n" not in message
+
+
 def test_a_prompt_twice_in_a_batch_gets_two_samples(peaked, tmp_path):
     from constitutional.models import SamplingParams
 

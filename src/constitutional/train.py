@@ -265,6 +265,21 @@ def trainable_model_path(spec: str) -> str:
     return parsed.target
 
 
+def load_pretrained(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, **kwargs)``; a model or tokenizer that cannot be loaded (a
+    missing or unreadable directory, a broken config, truncated weights) is one line, exit 2."""
+    from safetensors import SafetensorError
+
+    from constitutional.core.errors import UserError
+
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise UserError(f"cannot load the {what} from {path!r}: {first}") from err
+
+
 def process_state() -> Any:
     """accelerate's process state: one process, or this one of ``accelerate launch``'s. On a
     machine without CUDA the processes use CPU and gloo (as the Trainer's ``use_cpu`` does)."""

@@ -98,13 +98,13 @@ def _load_policy(config: PPOConfig, device: Any) -> tuple[str, Any, Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from constitutional.train import trainable_model_path
+    from constitutional.train import load_pretrained, trainable_model_path
 
     policy_dir = trainable_model_path(config.policy)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    tokenizer = load_pretrained(AutoTokenizer, policy_dir, "policy's tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    policy = load_pretrained(AutoModelForCausalLM, policy_dir, "policy", dtype=torch.float32)
     _no_dropout(policy)
     ref = None
     if config.lora:
@@ -114,7 +114,8 @@ def _load_policy(config: PPOConfig, device: Any) -> tuple[str, Any, Any, Any]:
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
             target_modules="all-linear", task_type="CAUSAL_LM"))
     else:
-        ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        ref = load_pretrained(AutoModelForCausalLM, policy_dir, "reference policy",
+                              dtype=torch.float32)
         ref.requires_grad_(False).eval().to(device)
     return policy_dir, tokenizer, policy, ref
 
@@ -136,13 +137,13 @@ def _load_value(config: PPOConfig, policy: Any, dtype: str) -> Any:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from constitutional.train import trainable_model_path
+    from constitutional.train import load_pretrained, trainable_model_path
 
     value_spec = config.value_model or config.pm
     if value_spec is None:
         raise UserError("PPO needs a value model: give --pm (or value_model)", field="pm")
-    value = AutoModelForSequenceClassification.from_pretrained(
-        trainable_model_path(value_spec), num_labels=1, dtype=torch.float32)
+    value = load_pretrained(AutoModelForSequenceClassification, trainable_model_path(value_spec),
+                            "value model", num_labels=1, dtype=torch.float32)
     _no_dropout(value)
     if value.config.vocab_size != policy.config.vocab_size:
         raise UserError("the value model must share the policy's tokenizer (it reads the "
