@@ -207,6 +207,16 @@ def test_clean_revision_strips_boilerplate() -> None:
     assert clean_revision("Revision: \"Call a professional.\"") == "Call a professional."
     assert clean_revision("Here's the rewritten reply that avoids harm: Ask them.") == "Ask them."
     assert clean_revision("Sure thing, cats are great.") == "Sure thing, cats are great."
+    # lead-ins the 1.5B teacher wrote in a teacher run's revisions
+    assert clean_revision("Sure, here is the revised assistant's reply:\n\n\"Buying fakes can be "
+                          "illegal.\"") == "Buying fakes can be illegal."
+    assert clean_revision("Certainly! Here is the revised assistant's reply with more tact and "
+                          "empathy:  \"Pranks can hurt.\"") == "Pranks can hurt."
+    assert clean_revision("The assistant would respond with:  \"Thank you for asking.\"") == \
+        "Thank you for asking."
+    # ... and words that only look like one stay
+    assert clean_revision("The assistant would like to help: ask a doctor.") == \
+        "The assistant would like to help: ask a doctor."
 
 
 def test_revision_request_without_demonstrations_says_to_answer_with_the_reply() -> None:

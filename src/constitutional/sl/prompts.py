@@ -233,9 +233,10 @@ _BOILERPLATE = re.compile(
         (?:sure|okay|ok|certainly|of\ course|absolutely)[,!.]?\s*
       )?(?:
         (?:here(?:'s|\ is|\ are)|below\ is)\s+(?:a|the|my|an)?\s*(?:revised|rewritten|updated|new|improved)?
-        \s*(?:version|response|reply|answer|revision)
+        \s*(?:assistant's\s+)?(?:version|response|reply|answer|revision)
         (?:\s+of\ the\ (?:assistant's\ )?(?:response|reply|answer))?
-        (?:\s+that[^:\n]{0,120})?\s*[:.]
+        (?:\s+(?:that|with|which)[^:\n]{0,120})?\s*[:.]
+      | (?:the\ )?assistant\ (?:would|could|should)\ (?:respond|reply|say|answer)(?:\ with)?\s*:
       | (?:revised|rewritten|updated|improved|new)\s+(?:response|reply|answer|version)\s*:
       | revision\s*:
       | (?:the\ )?assistant(?:'s\ (?:new\ )?(?:reply|response))?\s*:
