@@ -74,8 +74,25 @@ def _root(
     setup_logging(verbose=verbose, quiet=quiet)
 
 
+def _close_process_group() -> None:
+    """Under ``accelerate launch``, leave the process group before the interpreter exits. Left to
+    the exit handlers, a rank's gloo threads were once torn down mid-join ("terminate called
+    without an active exception", SIGABRT after a finished 2-process PPO run in CI); torch asks
+    programs to destroy the group themselves. torch is not imported for this."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        return _main(argv)
+    finally:
+        _close_process_group()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False)
     except UserError as err:
