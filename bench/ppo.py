@@ -25,6 +25,13 @@ Our variants (``--value-train``): the default (full value model, rollouts in ``r
 auto``, bfloat16 on CPUs with AVX512-BF16/AMX: generation alone in bf16, every log-probability
 and the training in float32), the same with float32 rollouts, and a value head alone.
 
+``--ours-grpo`` adds **ours: `cai rl grpo`** (``constitutional.rl.grpo``: TRL's GRPOTrainer
+configured from our settings, the PM reward through our scorer), for the ratio against TRL's
+GRPOTrainer run directly: both take ``--batch / --generations`` prompts × ``--generations``
+answers per step and ``--ppo-epochs`` optimizer steps on each rollout (so it needs ``--minibatch``
+= ``--batch``); ours shuffles the prompts (TRL's side here does not), so the mean answer length is
+printed beside each. Its time split is not measured (nan): only the wall time per step.
+
 One step (a "rollout") = generate + score + update. The first step of each side is a warm-up and is
 not measured. Samples/s is wall-clock over the measured steps (between consecutive step ends). The
 split of step time:
@@ -46,7 +53,7 @@ scores mean nothing. Timings are printed, never asserted.
 
     python bench/ppo.py [--model builtin:smollm2-135m-instruct] [--pm DIR] [--steps 4]
                         [--batch 16] [--minibatch 8] [--ppo-epochs 2] [--generations 2]
-                        [--max-new-tokens 64] [--trl grpo|rloo]
+                        [--max-new-tokens 64] [--trl grpo|rloo] [--ours-grpo]
 """
 
 from __future__ import annotations
@@ -165,6 +172,37 @@ def run_ours(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: 
     result["time_update"] = statistics.fmean(s["time_update"] for s in steps)
     result["logged_sps"] = statistics.fmean(s["logged_sps"] for s in steps)
     del trainer
+    gc.collect()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# ours: `cai rl grpo` (TRL's GRPOTrainer, configured from our settings, our PM reward)
+
+
+def run_ours_grpo(args, policy: Path, pm: Path, groups: list[list[list[dict]]], out: str) -> dict:
+    from constitutional.rl.grpo import GRPOConfig, grpo_train
+
+    G = args.generations
+    config = GRPOConfig(policy=str(policy), pm=str(pm), prompts=PROMPTS, out=out, reward="pm",
+                        steps=args.steps, prompts_per_step=args.batch // G, group_size=G,
+                        iterations=args.ppo_epochs, beta=args.kl_coef,
+                        max_new_tokens=args.max_new_tokens, learning_rate=1e-6,
+                        save_steps=args.steps + 1, seed=args.seed, resume=False)
+    end_of: dict[int, float] = {}  # rollout → when its last logged optimizer step ended
+    rows: list[dict] = []
+
+    def on_step(row: dict) -> None:
+        end_of[row["step"]] = time.perf_counter()
+        rows.append(row)
+
+    grpo_train(config, prompts=[p for g in groups for p in g], on_step=on_step)
+    ends = [end_of[k] for k in sorted(end_of)]
+    steps = [{"wall": ends[k] - ends[k - 1], "generate": float("nan"), "score": float("nan"),
+              "other": float("nan"), "update": float("nan")} for k in range(1, len(ends))]
+    mean_len = statistics.fmean(r["response_len"] for r in rows if r["step"] > 1)
+    result = split_row("ours: cai rl grpo (TRL GRPOTrainer, PM reward)", steps, args.batch,
+                       mean_len)
     gc.collect()
     return result
 
@@ -295,6 +333,9 @@ def main() -> None:
                          "PM-initialised value model learns, the default) or head (only its "
                          "scalar head); rollouts in auto (the default: bfloat16 on CPUs with "
                          "AVX512-BF16/AMX), float32 or bfloat16")
+    ap.add_argument("--ours-grpo", action="store_true",
+                    help="also time `cai rl grpo` (needs --minibatch = --batch: ours takes one "
+                         "optimizer step per rollout and iteration)")
     ap.add_argument("--trl-dtypes", default="float32,bfloat16",
                     help="TRL runs: float32 and/or bfloat16 (TRL's own default, bf16=True: "
                          "autocast in generation and training)")
@@ -348,6 +389,10 @@ def main() -> None:
         runs = [run_ours(args, policy, pm, groups, str(Path(tmp) / f"ours-{k}"),
                          *(v.split("@") if "@" in v else (v, "auto")))
                 for k, v in enumerate(variants)]
+        if args.ours_grpo:
+            if args.minibatch != args.batch:
+                ap.error("--ours-grpo needs --minibatch equal to --batch")
+            runs.append(run_ours_grpo(args, policy, pm, groups, str(Path(tmp) / "ours-grpo")))
         trls = [run_trl(args, policy, pm, groups, str(Path(tmp) / f"trl-{d}"), d == "bfloat16")
                 for d in args.trl_dtypes.split(",") if d.strip()]
     ours = runs[0]

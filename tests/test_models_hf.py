@@ -294,3 +294,24 @@ def test_bf16_generation_copy_equals_a_bf16_model_and_follows_weight_updates(tin
     for src, dst in zip(mixed.model.parameters(), copy.parameters(), strict=True):
         assert torch.equal(dst, src.to(torch.bfloat16))
     assert copy.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep their dtype
+
+
+def test_a_fused_optimizer_step_is_seen_after_sync_weights(tiny_model_dir):
+    """A fused AdamW step (the Trainer's default optimizer, so GRPO's and RLOO's) updates the
+    weights without bumping their version counters: the bf16 copy that generates stays stale
+    until ``sync_weights`` marks the weights changed (as TRL does for vLLM)."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    lm = HFModel(tiny_model_dir, generate_dtype="bfloat16")
+    before = lm.generate_with_ids(PROMPTS, params)
+    optimizer = torch.optim.AdamW(lm.model.parameters(), lr=0.05, fused=True)
+    lm.model.train()
+    out = lm.model(torch.tensor([lm.encode(PROMPTS[0])]))
+    out.logits.float().logsumexp(-1).mean().backward()
+    optimizer.step()
+    lm.model.eval()
+    assert lm.generate_with_ids(PROMPTS, params) == before  # stale: the counters did not move
+    lm.sync_weights()
+    after = lm.generate_with_ids(PROMPTS, params)
+    assert after != before
+    for src, dst in zip(lm.model.parameters(), lm._shadow.model.parameters(), strict=True):
+        assert torch.equal(dst, src.detach().to(torch.bfloat16))

@@ -128,6 +128,22 @@ def test_pipeline_runs_skips_and_redoes_what_changed(tiny_model_dir, tmp_path, c
     state = json.loads((run / "run.json").read_text())
     assert set(state["stages"]["eval"]["elo_second"]["harmless"]) == {
         "initial", "sl-cai", "rl-cai"}
+    # GRPO added beside PPO, with the PM and the constitution as a judge: PPO is kept (its
+    # fingerprint leaves out the algorithms beside it and the reward), GRPO runs, eval is redone
+    grpo = ("rl.algo=ppo,grpo", "rl.reward=pm=1,judge=1", "grpo.steps=2",
+            "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=8")
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--out", str(run),
+                 *sets(tiny_model_dir, "rl.steps=3", f"eval.second_judge={tiny_model_dir}",
+                       *grpo)]) == 0
+    err = capsys.readouterr().err
+    assert "ppo: up to date, skipped" in err and "grpo: up to date" not in err
+    rows = [json.loads(x) for x in (run / "grpo" / "grpo_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0 <= r["reward/judge"] <= 1 and "reward/pm" in r for r in rows)
+    assert (run / "grpo" / "references.jsonl").exists()
+    xstest = json.loads((run / "eval" / "xstest.json").read_text())
+    assert list(xstest["checkpoints"]) == ["initial", "sl-cai", "rl-cai", "grpo"]
+    assert "GRPO: reward and KL" in (run / "report.html").read_text()
 
 
 def test_quality_gates_strict_stops_before_pm_warn_goes_on(tiny_model_dir, tmp_path, capsys):

@@ -125,6 +125,12 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny, tiny_pm) -> Path:
          "kl": 0.01 * s * s, "entropy": 2.0 - 0.05 * s, "clip_frac": 0.1, "value_loss": 0.2,
          "policy_loss": -0.01, "response_len": 40 + s, "time_generate": 3.0, "time_score": 0.5,
          "time_update": 2.0, "samples_per_s": 1.4} for s in range(1, 9)])
+    for algo in ("grpo", "rloo"):  # as rl/grpo.py writes them: TRL's figures, our columns
+        _write_jsonl(run / algo / f"{algo}_log.jsonl", [
+            {"step": s, "reward_mean": 0.4 + 0.02 * s, "reward_std": 0.1, "kl": 0.002 * s,
+             "entropy": 2.1, "response_len": 50.0, "clip_frac": 0.0, "loss": 0.001,
+             "grad_norm": 3.0, "reward/pm": -0.5 + 0.1 * s, "reward/judge": 0.45 + 0.01 * s}
+            for s in range(1, 6)])
     (run / "run.json").write_text(json.dumps({
         "config": "configs/demo.yaml",
         "stages": {name: {"seconds": sec, "status": "done"} for name, sec in (
@@ -151,7 +157,8 @@ def test_report_has_every_section_with_plots_and_tables(run_dir: Path) -> None:
         assert "Not run" not in body and 'class="error"' not in body, (sid, body[:500])
     images = {sid: body.count("<img ") for sid, body in sections.items()}
     assert images == {"verdict": 0, "stages": 1, "xstest": 1, "elo": 1, "evasiveness": 1,
-                      "revision-curve": 1, "sl": 0, "labels": 2, "pm": 0, "ppo": 1, "answers": 0}
+                      "revision-curve": 1, "sl": 0, "labels": 2, "pm": 0, "ppo": 1, "grpo": 1,
+                      "rloo": 1, "answers": 0}
     for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
         png = base64.b64decode(data)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
@@ -184,6 +191,9 @@ def test_report_contents_match_the_results(run_dir: Path) -> None:
     assert sections["answers"].count('class="badge bad"') == 1 + 3  # refusals marked
     assert "eval_accuracy" in sections["pm"] and "0.710" in sections["pm"]
     assert sections["ppo"].count("<tr>") == 1 + 8
+    for algo in ("grpo", "rloo"):
+        assert sections[algo].count("<tr>") == 1 + 5
+        assert "reward/judge" in sections[algo] and f"{algo.upper()} steps" in sections[algo]
     assert "rl_train" in sections["stages"] and "394.1" in sections["stages"]  # the total
 
 
@@ -571,7 +581,7 @@ def test_report_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
                                    session)
         assert warning.startswith("Warning: The AI labels carry no signal: in 100% of pairs")
         sizes = browser.evaluate(IMAGES_DECODED, session)
-        assert len(sizes) == 8 and all(w > 100 and h > 100 for w, h in sizes), sizes
+        assert len(sizes) == 10 and all(w > 100 and h > 100 for w, h in sizes), sizes
         text = browser.evaluate("document.body.innerText", session)
         assert NASTY in text  # shown as text, not run
         assert browser.evaluate("document.scripts.length", session) == 0

@@ -11,9 +11,9 @@ wrong values are one-line errors naming the key, and the YAML file and line it c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationError, model_validator
+from pydantic import BeforeValidator, ValidationError, model_validator
 
 from constitutional.core.errors import UserError
 from constitutional.core.settings import (
@@ -27,6 +27,7 @@ from constitutional.evaluate.xstest import XSTestSettings
 from constitutional.models import BUILTIN_MODEL
 from constitutional.rl.dpo import DPOSettings
 from constitutional.rl.gates import GateSettings
+from constitutional.rl.grpo import GRPOSettings, RewardSetting
 from constitutional.rl.label import LabelSettings
 from constitutional.rl.ppo import PPOSettings
 from constitutional.rl.preference import PMSettings
@@ -66,11 +67,34 @@ class PMSection(PMSettings):
 PMSection = with_defaults(PMSection, "PMSection", eval_fraction=0.2)
 
 
-class RLSection(PPOSettings):
-    """``rl:``: which RL algorithm, and PPO's settings (DPO's are under ``dpo:``)."""
+RL_ALGOS = ("ppo", "grpo", "rloo", "dpo")
 
-    algo: Literal["ppo", "dpo", "both"] = Field("ppo", description="ppo (the paper), dpo "
-                                                                   "(offline, lighter) or both.")
+
+def _algos(value: Any) -> str:
+    """``rl.algo``: one name, ``both`` (ppo and dpo), or several (a list, or comma-separated);
+    kept as one string in pipeline order, so that earlier runs keep their fingerprints."""
+    if value == "both":
+        return value
+    names = value if isinstance(value, list | tuple) else str(value).split(",")
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in RL_ALGOS]
+    if unknown or not names:
+        raise ValueError(f"unknown algorithm {unknown[0] if unknown else value!r}: choose from "
+                         f"{', '.join(RL_ALGOS)} or both, or several (ppo,grpo)")
+    return ",".join(a for a in RL_ALGOS if a in names)
+
+
+class RLSection(PPOSettings):
+    """``rl:``: which RL algorithms, their reward, and PPO's settings (GRPO's and RLOO's are
+    under ``grpo:``, DPO's under ``dpo:``)."""
+
+    algo: Annotated[str, BeforeValidator(_algos)] = Field(
+        "ppo", description="ppo (the paper), grpo or rloo (TRL's, critic-free), dpo (offline, "
+                           "lighter); several: ppo,grpo (both = ppo,dpo).")
+    reward: RewardSetting = Field(default_factory=lambda: {"pm": 1.0})
+
+    def algos(self) -> list[str]:
+        return ["ppo", "dpo"] if self.algo == "both" else self.algo.split(",")
 
 
 class EvalSettings(Settings):
@@ -126,6 +150,7 @@ class RunConfig(Settings):
     pm: PMSection = Field(default_factory=PMSection)
     rl: RLSection = Field(default_factory=RLSection)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     gates: GateSettings = Field(default_factory=GateSettings)
 

@@ -1,7 +1,7 @@
 """``cai run CONFIG.yaml``: every stage of Constitutional AI into one run directory.
 
-    revise → sl_train → sample → label → [calibrate] → (gates) → pm → ppo (and/or dpo) → eval
-    → report
+    revise → sl_train → sample → label → [calibrate] → (gates) → pm → ppo, grpo, rloo, dpo
+    (those ``rl.algo`` names) → eval → report
 
 Layout of ``RUN``::
 
@@ -13,7 +13,9 @@ Layout of ``RUN``::
     calibrate/         `rl calibrate` on gates.calibration (when set): the feedback model's
                        accuracy on human-labelled comparisons
     pm/                the preference model (pm.json: held-out accuracy)
-    ppo/  dpo/         the RL-CAI policies (ppo_log.jsonl: reward and KL per step)
+    ppo/  grpo/  rloo/  dpo/
+                       the RL-CAI policies (ppo_log.jsonl, grpo_log.jsonl, rloo_log.jsonl:
+                       reward and KL per step)
     eval/              answers.jsonl, xstest.json (XSTest: refused and answered rates per
                        checkpoint), elo.json (elo.second.json), evasiveness.json,
                        revision_curve.json
@@ -149,8 +151,7 @@ class Pipeline:
         return self.config.label.feedback_model or self.sl_model
 
     def algos(self) -> list[str]:
-        algo = self.config.rl.algo
-        return ["ppo", "dpo"] if algo == "both" else [algo]
+        return self.config.rl.algos()
 
     def ray_options(self):
         c = self.config
@@ -193,8 +194,13 @@ class Pipeline:
                 "ppo", "ppo", ["ppo/model.safetensors", "ppo/ppo_log.jsonl"],
                 lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                              "helpful": cfg.helpful, "limit": cfg.red_team_limit,
-                             **cfg.rl.model_dump()},
+                             **cfg.rl.model_dump(exclude={"reward"}),
+                             # PPO's output depends on neither: runs keep their fingerprint
+                             "algo": "both" if cfg.rl.algo == "both" else "ppo"},
                 ["sl/model", "pm"], ["sl_train", "pm"], _ppo))
+        for algo in ("grpo", "rloo"):
+            if algo in algos:
+                stages.append(self._online_stage(algo))
         if "dpo" in algos:
             stages.append(Stage(
                 "dpo", "dpo", ["dpo/model.safetensors", "dpo/dpo.json"],
@@ -208,6 +214,25 @@ class Pipeline:
                          "constitution": cfg.constitution, **cfg.eval.settings_dump()},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
+
+    def _online_stage(self, algo: str) -> Stage:
+        """GRPO or RLOO: the PM is an input only when it is part of the reward; the judge's
+        question is ``label:``'s, asked of the feedback model."""
+        reward = self.config.rl.reward
+        pm = ["pm"] if "pm" in reward else []
+        judge = "judge" in reward
+
+        def settings(cfg: RunConfig) -> dict[str, Any]:
+            return {"seed": cfg.seed, "red_team": cfg.red_team, "helpful": cfg.helpful,
+                    "limit": cfg.red_team_limit, "reward": cfg.rl.reward,
+                    **cfg.grpo.model_dump(),
+                    **({"feedback_model": self.feedback_model,
+                        "constitution": cfg.constitution, "label": cfg.label.model_dump()}
+                       if judge else {})}
+
+        return Stage(algo, algo, [f"{algo}/model.safetensors", f"{algo}/{algo}_log.jsonl"],
+                     settings, ["sl/model", *pm], ["sl_train", *pm],
+                     lambda pl: _online(pl, algo))
 
     def _calibrate_stage(self) -> list[Stage]:
         """The calibration stage, when ``gates.calibration`` names data (and gates are on)."""
@@ -311,7 +336,7 @@ class Pipeline:
         from constitutional.evaluate.xstest import contamination
         from constitutional.prompts.sources import load_prompts
 
-        if only and not {"revise", "sl_train", "sample", "ppo"} & set(only):
+        if only and not {"revise", "sl_train", "sample", "ppo", "grpo", "rloo"} & set(only):
             return
         for field in ("red_team", "helpful"):
             spec = getattr(self.config, field)
@@ -496,7 +521,7 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.ppo import PPOConfig, ppo_train
 
     c, s = pl.config, pl.config.rl
-    settings = {**s.model_dump(exclude={"algo"}), "limit": c.red_team_limit,
+    settings = {**s.model_dump(exclude={"algo", "reward"}), "limit": c.red_team_limit,
                 "save_steps": min(s.save_steps, max(1, s.steps // 2))}
     result = ppo_train(PPOConfig(**settings, policy=pl.sl_model, pm=str(pl.p("pm")),
                                  prompts=c.red_team, out=str(pl.p("ppo")), helpful=c.helpful,
@@ -507,6 +532,28 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
     first = result.log[0] if result.log else {}
     return {"reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
             "kl_last": last.get("kl")}
+
+
+def _online(pl: Pipeline, algo: str) -> dict[str, Any]:
+    from constitutional.rl.grpo import GRPOConfig, grpo_train
+    from constitutional.rl.label import LabelConfig
+
+    c, g = pl.config, pl.config.grpo
+    feedback = pl.feedback_model if "judge" in c.rl.reward else None
+    label = (LabelConfig(**c.label.model_dump(exclude={"feedback_model"}),
+                         feedback_model=feedback, constitution=c.constitution, seed=c.seed)
+             if feedback else None)
+    config = GRPOConfig(**{**g.model_dump(), "save_steps": min(g.save_steps,
+                                                                max(1, g.steps // 2))},
+                        algo=algo, reward=c.rl.reward, policy=pl.sl_model,
+                        pm=str(pl.p("pm")) if "pm" in c.rl.reward else None,
+                        feedback_model=feedback, constitution=c.constitution,
+                        prompts=c.red_team, helpful=c.helpful, limit=c.red_team_limit,
+                        out=str(pl.p(algo)), seed=c.seed, resume=True)
+    result = grpo_train(config, label=label, on_step=lambda r: log.info(
+        "%s step %d: reward %.3f, KL %.3f", algo, r["step"], r.get("reward_mean", float("nan")),
+        r.get("kl", float("nan"))))
+    return {k: result.metrics.get(k) for k in ("reward_first", "reward_last", "kl_last")}
 
 
 def _dpo(pl: Pipeline) -> dict[str, Any]:
@@ -523,7 +570,7 @@ def checkpoints(pl: Pipeline) -> dict[str, str]:
     """The models compared by the evaluation, in pipeline order."""
     names = {"initial": pl.config.model, "sl-cai": pl.sl_model}
     for algo in pl.algos():
-        names["rl-cai" if algo == "ppo" else "dpo"] = str(pl.p(algo))
+        names["rl-cai" if algo == "ppo" else algo] = str(pl.p(algo))
     return names
 
 

@@ -280,6 +280,28 @@ def load_pretrained(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
         raise UserError(f"cannot load the {what} from {path!r}: {first}") from err
 
 
+def check_settings_unchanged(file: Path, now: dict[str, Any],
+                             may_change: frozenset[str]) -> None:
+    """A resumed run continues the run its checkpoints came from, with the same settings."""
+    from constitutional.core.errors import UserError
+
+    if not file.exists():
+        return
+    try:
+        before = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the settings of the run to resume ({err})",
+                        file=file) from err
+    now = json.loads(json.dumps(now, default=str))
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in may_change and before.get(k) != now.get(k))
+    if changed:
+        k = changed[0]
+        raise UserError(f"the checkpoints here were made with {k}={before.get(k)!r}, now "
+                        f"{k}={now.get(k)!r}; use a new output directory, or the same "
+                        "settings to resume", file=file, field=k)
+
+
 def process_state() -> Any:
     """accelerate's process state: one process, or this one of ``accelerate launch``'s. On a
     machine without CUDA the processes use CPU and gloo (as the Trainer's ``use_cpu`` does)."""

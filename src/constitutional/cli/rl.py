@@ -27,6 +27,7 @@ from constitutional.core.errors import UserError
 from constitutional.prompts.selection import PromptSelection
 from constitutional.rl.calibrate import CalibrateConfig
 from constitutional.rl.dpo import DPOStageConfig
+from constitutional.rl.grpo import GRPOConfig
 from constitutional.rl.label import LabelConfig
 from constitutional.rl.ppo import PPOConfig
 from constitutional.rl.preference import PMConfig
@@ -187,6 +188,47 @@ def pm_cmd(values: dict[str, Any]) -> None:
 def ppo_cmd(values: dict[str, Any]) -> None:
     """PPO of the policy against the PM with a KL penalty to the SL-CAI model (the paper)."""
     run_ppo(PPOConfig(**values))
+
+
+@settings_command(rl_app, "grpo", GRPOConfig, names=OUT)
+def grpo_cmd(values: dict[str, Any]) -> None:
+    """GRPO (TRL's GRPOTrainer) of the policy against the PM, the constitution as a judge, or a
+    callable (--reward), with a KL penalty to the starting policy."""
+    run_online(GRPOConfig(**values, algo="grpo"))
+
+
+@settings_command(rl_app, "rloo", GRPOConfig, names=OUT)
+def rloo_cmd(values: dict[str, Any]) -> None:
+    """RLOO (TRL's RLOOTrainer): GRPO's settings, leave-one-out baseline."""
+    run_online(GRPOConfig(**values, algo="rloo"))
+
+
+def run_online(config: GRPOConfig) -> None:
+    from constitutional.rl.grpo import grpo_train
+
+    names = list(config.reward)
+    table = Table("step", "reward", *[f"reward/{n}" for n in names], "KL", "entropy", "len",
+                  title=config.algo.upper(), show_edge=False)
+
+    def cell(row: dict, key: str, f: str) -> str:
+        value = row.get(key)
+        return f"{value:{f}}" if isinstance(value, int | float) else "-"
+
+    def on_step(row: dict) -> None:
+        err_console.print(f"[dim]step {row['step']}/{config.steps} · reward "
+                          f"{cell(row, 'reward_mean', '.3f')} · KL {cell(row, 'kl', '.3f')}[/]")
+
+    result = grpo_train(config, on_step=on_step)
+    for row in result.log:
+        table.add_row(str(row["step"]), cell(row, "reward_mean", ".3f"),
+                      *[cell(row, f"reward/{k}", ".3f") for k in
+                        [c.removeprefix("reward/") for c in row if c.startswith("reward/")]],
+                      cell(row, "kl", ".3f"), cell(row, "entropy", ".2f"),
+                      cell(row, "response_len", ".1f"))
+    if table.row_count:
+        out.print(table)
+    print_line(f"{config.algo.upper()} policy → {result.out_dir} · {len(result.log)} steps · "
+               f"log → {result.out_dir / config.log_file} · {result.seconds:.0f}s")
 
 
 @settings_command(rl_app, "dpo", DPOStageConfig, names=OUT)

@@ -277,6 +277,12 @@ class HFModel(TokenizerPrompts, LanguageModel):
             return next(self.model.parameters()).dtype
         return resolve_dtype(choice, self.device)
 
+    def sync_weights(self) -> None:
+        """Mark the model's weights as changed (as TRL's ``sync_weights`` for vLLM): the next
+        generation refreshes the low-precision copy, the packed weights and the cached keys and
+        values. Needed after updates that version counters do not see (fused optimizers)."""
+        setattr(self.model, cascade.SYNC_ATTR, getattr(self.model, cascade.SYNC_ATTR, 0) + 1)
+
     def _generator(self) -> HFModel:
         """The model that generates: this one, or a copy of it in ``generate_dtype`` (only its
         parameters cast; buffers such as the rotary frequencies keep their dtype), refreshed

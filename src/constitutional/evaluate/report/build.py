@@ -265,6 +265,7 @@ def build_pm(run: RunDir) -> PmData:
 @dataclass
 class PpoData:
     lines: Lines  # no rows: no steps
+    algo: str = "ppo"  # ppo, grpo or rloo
     figure: str = ""
     columns: list[str] = field(default_factory=list)
     table: list[list[Any]] = field(default_factory=list)  # the steps shown
@@ -277,15 +278,19 @@ def _series(steps: list[float], rows: list[dict[str, Any]], key: str) -> plots.S
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def build_ppo(run: RunDir) -> PpoData:
-    lines = run.jsonl("ppo/ppo_log.jsonl")
+def build_ppo(run: RunDir, algo: str = "ppo") -> PpoData:
+    """An online RL stage's log (``ppo``, ``grpo`` or ``rloo``): curves and the steps."""
+    lines = run.jsonl(f"{algo}/{algo}_log.jsonl")
     rows = lines.rows
     if not rows:
-        return PpoData(lines)
+        return PpoData(lines, algo)
     steps = [num(r.get("step")) for r in rows]
     steps = [s if s is not None else float(k) for k, s in enumerate(steps)]
+    components = sorted({k for r in rows for k in r if k.startswith("reward/")})
     figure = plots.ppo_curves({key: _series(steps, rows, key)
-                               for key in ("reward_mean", "reward_std", "score_mean", "kl")})
+                               for key in ("reward_mean", "reward_std", "score_mean", "kl",
+                                           *components)},
+                              algo=algo.upper(), components=components)
     cols = [c for c in PPO_COLUMNS if any(c in r for r in rows)]
     cols += [c for c in dict.fromkeys(k for r in rows for k in r)
              if c not in cols and not any(isinstance(r.get(c), dict | list) for r in rows)]
@@ -293,4 +298,5 @@ def build_ppo(run: RunDir) -> PpoData:
     if len(rows) > run.max_samples:
         stride = math.ceil(len(rows) / run.max_samples)
         shown = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
-    return PpoData(lines, figure, cols, [[r.get(c) for c in cols] for r in shown], stride)
+    return PpoData(lines, algo, figure, cols, [[r.get(c) for c in cols] for r in shown],
+                   stride)

@@ -150,8 +150,10 @@ def position_bias(xs: list[float], ys: list[float], biased: int) -> Any:
 
 
 @_png
-def ppo_curves(series: dict[str, Series]) -> Any:
-    """Reward (± std) and PM score on the left, KL on the right; ``series`` by log column."""
+def ppo_curves(series: dict[str, Series], algo: str = "PPO",
+               components: Sequence[str] = ()) -> Any:
+    """Reward (± std) and PM score (PPO) or the reward's components (GRPO, RLOO) on the left,
+    KL on the right; ``series`` by log column."""
     fig = _figure(10.0, 3.8)
     ax1, ax2 = fig.subplots(1, 2)
     x, y = series["reward_mean"]
@@ -165,14 +167,19 @@ def ppo_curves(series: dict[str, Series]) -> Any:
     x2, y2 = series["score_mean"]
     if x2:
         ax1.plot(x2, y2, "-", color="#55a868", label="PM score (mean)")
-    ax1.set_xlabel("PPO step")
+    for name in components if len(components) > 1 else ():
+        xc, yc = series[name]
+        if xc:
+            ax1.plot(xc, yc, "--", lw=1, label=f"{name} (mean)")
+            x2 = x2 or xc
+    ax1.set_xlabel(f"{algo} step")
     ax1.set_ylabel("reward")
     ax1.set_title("reward")
     if x or x2:
         ax1.legend(fontsize=8)
     xk, yk = series["kl"]
     ax2.plot(xk, yk, "-o", ms=3, color="#c44e52")
-    ax2.set_xlabel("PPO step")
+    ax2.set_xlabel(f"{algo} step")
     ax2.set_ylabel("KL(policy ‖ reference)")
     ax2.set_title("KL")
     return fig

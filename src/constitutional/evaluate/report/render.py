@@ -51,6 +51,8 @@ SECTIONS: dict[str, Callable[[RunDir], Any]] = {
     "labels": build_labels,
     "pm": build_pm,
     "ppo": build_ppo,
+    "grpo": functools.partial(build_ppo, algo="grpo"),
+    "rloo": functools.partial(build_ppo, algo="rloo"),
     "answers": build_answers,
 }
 

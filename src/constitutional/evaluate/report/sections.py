@@ -21,6 +21,8 @@ SECTION_FILES: dict[str, tuple[str, ...]] = {
     "labels": ("rl/labels.jsonl", "rl/label.summary.json", "rl/pairs.jsonl"),
     "pm": ("pm/pm.json",),
     "ppo": ("ppo/ppo_log.jsonl",),
+    "grpo": ("grpo/grpo_log.jsonl",),
+    "rloo": ("rloo/rloo_log.jsonl",),
     "answers": ("eval/answers.jsonl",),
 }
 TITLES = {
@@ -34,6 +36,8 @@ TITLES = {
     "labels": "RL-CAI: soft AI labels",
     "pm": "Preference model",
     "ppo": "PPO: reward and KL",
+    "grpo": "GRPO: reward and KL",
+    "rloo": "RLOO: reward and KL",
     "answers": "Answers side by side",
 }
 

@@ -348,9 +348,17 @@ def kv_shape(model: Any) -> tuple[int, int, int]:
     return c.num_hidden_layers, kv_heads, dim
 
 
-def weights_version(model: Any) -> tuple[int, int]:
-    """Changes whenever a parameter is modified in place (optimizer steps, ``load_state_dict``)."""
-    return (id(model), sum(p._version for p in model.parameters()))
+#: The model attribute that :meth:`HFModel.sync_weights` counts up.
+SYNC_ATTR = "_cai_weights_synced"
+
+
+def weights_version(model: Any) -> tuple[int, int, int]:
+    """Changes whenever a parameter is modified in place by an op that bumps its version counter
+    (``foreach`` optimizer steps, ``load_state_dict``), and whenever the weights are marked
+    changed (:meth:`HFModel.sync_weights`): a fused optimizer (``torch.optim.AdamW(fused=True)``,
+    the Trainer's default ``adamw_torch_fused``) updates them without bumping the counters."""
+    return (id(model), sum(p._version for p in model.parameters()),
+            getattr(model, SYNC_ATTR, 0))
 
 
 @dataclass

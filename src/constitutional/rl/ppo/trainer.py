@@ -50,6 +50,7 @@ from constitutional.rl.ppo.experience import (
     sample_answers,
     step_prompts,
 )
+from constitutional.train import check_settings_unchanged
 
 #: The settings of a PPO run, written beside its checkpoints and compared on resume.
 CONFIG_FILE = "ppo.config.json"
@@ -481,22 +482,8 @@ class PPOTrainer:
     def _check_settings_unchanged(self) -> None:
         """A resumed run continues the run its checkpoints came from, with the same settings (as
         every other stage's run directory; ``resume`` itself and the output path may differ)."""
-        file = self.out / CONFIG_FILE
-        if not file.exists():
-            return
-        try:
-            before = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read the settings of the run to resume ({err})",
-                            file=file) from err
-        now = json.loads(json.dumps(self.config.to_dict(), default=str))
-        changed = sorted(k for k in set(before) | set(now)
-                         if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k))
-        if changed:
-            k = changed[0]
-            raise UserError(f"the checkpoints here were made with {k}={before.get(k)!r}, now "
-                            f"{k}={now.get(k)!r}; use a new output directory, or the same "
-                            "settings to resume", file=file, field=k)
+        check_settings_unchanged(self.out / CONFIG_FILE, self.config.to_dict(),
+                                 RESUME_MAY_CHANGE)
 
     def load_latest(self) -> bool:
         import torch
