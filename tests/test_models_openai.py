@@ -70,8 +70,10 @@ def test_llama_cpp_generates(llama_server: str) -> None:
 def test_retries_recover_and_are_counted(hf_server: str, tiny, tiny_model_dir) -> None:
     upstream = hf_server.removesuffix("/v1")
     schedule = ["429", "500", "hang", "malformed", "500", "429"]
-    with FaultProxy(upstream, schedule, hang_seconds=3.0) as proxy:
-        remote = OpenAIModel(f"{proxy.url}/v1", str(tiny_model_dir), timeout=1.0, backoff=0.05,
+    # a timeout far above a real answer's time: under a loaded CPU (CI beside a 1.5B model) a
+    # real request took over 1 s and was counted as a second timeout (retries 7 for 6 faults)
+    with FaultProxy(upstream, schedule, hang_seconds=12.0) as proxy:
+        remote = OpenAIModel(f"{proxy.url}/v1", str(tiny_model_dir), timeout=6.0, backoff=0.05,
                              max_concurrency=4)
         params = SamplingParams(max_new_tokens=8)
         out = remote.generate(CHATS, params)
