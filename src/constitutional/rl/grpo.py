@@ -53,16 +53,9 @@ ALGOS = ("grpo", "rloo")
 RESUME_MAY_CHANGE = frozenset({"resume", "out"})
 
 
-def _rewards(value: Any) -> dict[str, float]:
-    try:
-        return parse_rewards(value)
-    except ValueError as err:
-        raise ValueError(str(err)) from None
-
-
 #: ``rl.reward`` (and ``--reward``): declared once, read by the run config and ``cai rl grpo``.
 RewardSetting = Annotated[
-    dict[str, float], BeforeValidator(_rewards),
+    dict[str, float], BeforeValidator(parse_rewards),
     Field(description="The reward of grpo and rloo: pm (the preference model), judge (the "
                       "feedback model asked the constitution's question against a reference "
                       "answer), or module:function (TRL's reward signature); several with "
@@ -296,13 +289,6 @@ def log_row(entry: dict[str, Any], iterations: int, names: Sequence[str]) -> dic
     return row
 
 
-def load_prompts_mix(config: Any) -> list[list[Message]]:
-    """The red-team prompts, then helpful ones in ``helpful_ratio`` of the mix (as PPO's)."""
-    from constitutional.rl.ppo.experience import load_training_prompts
-
-    return load_training_prompts(config)
-
-
 def grpo_train(config: GRPOConfig, *, label: Any = None,
                prompts: Sequence[Sequence[Message]] | None = None,
                on_step: Callable[[dict[str, Any]], None] | None = None) -> GRPOResult:
@@ -315,6 +301,7 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
 
     from constitutional.core.io import atomic_write_jsonl, atomic_write_text
     from constitutional.rl.label import LabelConfig
+    from constitutional.rl.ppo.experience import load_training_prompts
     from constitutional.rl.rewards import JudgeReward, build_rewards, reference_answers
     from constitutional.train import (
         causal_lm,
@@ -333,7 +320,8 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
     resume = config.resume and any(checkpoints.glob("checkpoint-*"))
     if resume:
         check_settings_unchanged(settings_file, config.to_dict(), RESUME_MAY_CHANGE)
-    prompts = [list(p) for p in prompts] if prompts is not None else load_prompts_mix(config)
+    prompts = ([list(p) for p in prompts] if prompts is not None
+               else load_training_prompts(config))
     if not prompts:
         raise UserError("no prompts to train on", field="prompts")
     args = trl_args(config, state.num_processes, list(config.reward.values()))

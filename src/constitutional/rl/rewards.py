@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 import logging
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,7 +80,7 @@ def _conversation(prompt: Any) -> list[Message]:
     return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
 
 
-class _Reward:
+class _Reward(ABC):
     """TRL's reward signature on top of ``score_answers``."""
 
     __name__ = "reward"
@@ -91,9 +92,9 @@ class _Reward:
         return self.score_answers([_conversation(p) for p in prompts],
                                   [answer_text(c) for c in completions])
 
+    @abstractmethod
     def score_answers(self, prompts: Sequence[Sequence[Message]], answers: Sequence[str],
-                      ) -> list[float]:
-        raise NotImplementedError
+                      ) -> list[float]: ...
 
 
 class PMReward(_Reward):
