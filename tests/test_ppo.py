@@ -305,3 +305,71 @@ def test_explained_variance_matches_a_hand_computation():
     assert explained_variance(values, returns, mask) == pytest.approx(1 - var(d) / var(r))
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert explained_variance(values, torch.ones(2, 4), mask) is None  # constant returns
+
+
+class NaNAtCall(TokenReward):
+    """The token reward, NaN for every answer of its ``bad``-th call (a broken reward model)."""
+
+    def __init__(self, word: str, bad: int) -> None:
+        super().__init__(word)
+        self.bad, self.calls = bad, 0
+
+    def score_answers(self, prompts, answers):
+        self.calls += 1
+        scores = super().score_answers(prompts, answers)
+        return [float("nan")] * len(scores) if self.calls == self.bad else scores
+
+
+def test_a_nan_step_stops_at_once_and_keeps_the_last_good_checkpoint(peaked, tmp_path):
+    word, out = peaked[2], tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        ppo_train(config(peaked, out, steps=5, save_steps=1), rewarder=NaNAtCall(word, 3),
+                  prompts=PROMPTS)
+    message = str(err.value)
+    assert "PPO step 3:" in message and "NaN or infinite" in message and "\n" not in message
+    assert str(out / "checkpoints" / "step-2") in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    logged = [json.loads(x)["step"] for x in (out / "ppo_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]
+    # the kept checkpoint is good: a run with a working reward resumes from it and finishes
+    resumed = ppo_train(config(peaked, out, steps=5, save_steps=1),
+                        rewarder=TokenReward(word), prompts=PROMPTS)
+    assert [r["step"] for r in resumed.log] == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(torch.tensor([r["reward_mean"], r["policy_loss"]])).all()
+               for r in resumed.log)
+
+
+def test_policy_and_critic_gradients_are_clipped_apart(peaked, tmp_path):
+    """A critic with a huge gradient leaves the policy's gradient as it is (one clip over both
+    shrank the policy's step by the critic's norm), and each is clipped to max_grad_norm."""
+    trainer = PPOTrainer(config(peaked, tmp_path / "run", steps=1, max_grad_norm=1.0),
+                         prompts=PROMPTS)
+    policy, value = (g["params"] for g in trainer.optimizer.param_groups)
+    for params, norm in ((policy, 0.5), (value, 100.0)):
+        n = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = torch.full_like(p, norm / n ** 0.5)
+    def norm(params):
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad.float()) for p in params])))
+
+    given = (norm(policy), norm(value))
+    assert given == pytest.approx((0.5, 100.0), rel=1e-2)
+    seen = {}
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.update(policy=norm(policy), value=norm(value))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    assert trainer._optimizer_step(0) == pytest.approx(given, rel=1e-4)  # before clipping
+    assert seen["policy"] == pytest.approx(given[0], rel=1e-4)  # left as it was
+    assert seen["value"] == pytest.approx(1.0, rel=1e-2)  # clipped to max_grad_norm
+    for params in (policy, value):
+        params[0].grad = torch.full_like(params[0], float("nan"))
+    before = [p.detach().clone() for p in policy]
+    with pytest.raises(UserError) as err:
+        trainer._optimizer_step(0)
+    assert "policy and the value model's gradient" in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy, strict=True))  # not stepped

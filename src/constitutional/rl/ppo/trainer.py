@@ -167,6 +167,17 @@ def _load_rewarder(config: PPOConfig, device: Any) -> Rewarder:
     return load_pm(config.pm, device=str(device))
 
 
+class NotFinite(UserError):
+    """A PPO step whose reward, loss or gradient is NaN or infinite: training stops there, before
+    that step reaches a checkpoint, so the newest checkpoint is the last good one."""
+
+    def __init__(self, step: int, what: str, checkpoint: Path | None) -> None:
+        where = (f"the last good checkpoint, {checkpoint}, is kept and a new run resumes from it"
+                 if checkpoint else "no checkpoint was saved before it")
+        super().__init__(f"PPO step {step}: {what} is NaN or infinite, so training stopped; "
+                         f"{where} (lower the learning rate or check the reward)")
+
+
 def _optimizer(config: PPOConfig, policy: Any, value: Any) -> tuple[Any, Any]:
     """AdamW over the trainable weights of both models (the value model at its own learning
     rate), and a linear warm-up schedule."""
@@ -283,6 +294,7 @@ class PPOTrainer:
         self.policy.train()
         self.value.train()
         n_micro = 0
+        norms: list[tuple[float, float]] = []
         for _ in range(c.ppo_epochs):
             order = torch.randperm(B, generator=g).tolist()
             for start in range(0, B, mb):
@@ -291,14 +303,18 @@ class PPOTrainer:
                     stats[k].append(v)
                 n_micro += 1
                 if n_micro % c.grad_accum == 0:
-                    self._optimizer_step()
+                    norms.append(self._optimizer_step(step))
         if n_micro % c.grad_accum:
-            self._optimizer_step()
+            norms.append(self._optimizer_step(step))
         self.policy.eval()
         self.value.eval()
         # each process holds its share of every minibatch mean: the sum over processes is the mean
         means = self._all_sum(torch.stack([torch.stack(v).mean() for v in stats.values()]))
-        return dict(zip(stats, means.tolist(), strict=True))
+        out = dict(zip(stats, means.tolist(), strict=True))
+        # the gradients' norms before clipping (all-reduced already: the same on every process)
+        out["grad_norm_policy"] = sum(n[0] for n in norms) / len(norms)
+        out["grad_norm_value"] = sum(n[1] for n in norms) / len(norms)
+        return out
 
     def _minibatch_step(self, r: Rollout, i: Any) -> dict[str, Any]:
         """Back-propagate the PPO loss of the rollout's rows ``i``; their statistics."""
@@ -334,17 +350,31 @@ class PPOTrainer:
                             output_hidden_states=True, use_cache=False).hidden_states[-1]
         return self.value_head.head(hidden).squeeze(-1).float()
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, step: int) -> tuple[float, float]:
+        """Clip the policy's and the critic's gradients apart (a badly fit critic's large
+        gradient must not shrink the policy's step), refuse a non-finite one (before it reaches
+        the weights), step; the two norms before clipping."""
+        import torch
+
         acc = self.accelerator
         if self.config.value_train == "head" and acc.num_processes > 1:
             for p in self.value_head.head.parameters():  # what DDP does for the policy
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, "mean")
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        acc.clip_grad_norm_(params, self.config.max_grad_norm)
+        acc.unscale_gradients()  # mixed precision's loss scale, once, before either clip
+        policy, value = (group["params"] for group in self.optimizer.param_groups)
+        norms = tuple(float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+                      if params else 0.0 for params in (policy, value))
+        bad = [name for name, n in zip(("policy", "value model"), norms, strict=True)
+               if not math.isfinite(n)]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NotFinite(step + 1, f"the {' and the '.join(bad)}'s gradient",
+                            self._latest_checkpoint())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norms
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -365,6 +395,10 @@ class PPOTrainer:
             learn = self.learn(rollout, step)
             times["time_update"] = time.perf_counter() - t0
             row = self._step_stats(rollout, learn, times, step)
+            bad = [k for k in ("reward_mean", "kl", "policy_loss", "value_loss")
+                   if not math.isfinite(row[k])]
+            if bad:
+                raise NotFinite(step + 1, bad[0], self._latest_checkpoint())
             if c.adaptive_kl:
                 self.kl_ctl.update(row["kl"], c.rollout_batch)
             self.step = step + 1
@@ -416,6 +450,8 @@ class PPOTrainer:
             "entropy": ent_all.mean().item(),
             "clip_frac": learn["clip_frac"],
             "approx_kl": learn["approx_kl"],
+            "grad_norm_policy": learn["grad_norm_policy"],
+            "grad_norm_value": learn["grad_norm_value"],
             "policy_loss": learn["policy_loss"],
             "value_loss": learn["value_loss"],
             "value_explained_var": explained_variance(r.values, r.returns, r.response_mask,
@@ -586,7 +622,4 @@ def ppo_train(config: PPOConfig, *, rewarder: Rewarder | None = None,
               on_step: Callable[[dict[str, Any]], None] | None = None) -> PPOResult:
     """Run PPO (resuming from the newest checkpoint in ``config.out`` when ``resume``)."""
     trainer = PPOTrainer(config, rewarder=rewarder, prompts=prompts)
-    result = trainer.train(on_step=on_step)
-    if result.log and math.isnan(result.log[-1]["reward_mean"]):
-        log.warning("reward became NaN; lower the learning rate")
-    return result
+    return trainer.train(on_step=on_step)
