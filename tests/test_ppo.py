@@ -373,3 +373,41 @@ def test_policy_and_critic_gradients_are_clipped_apart(peaked, tmp_path):
         trainer._optimizer_step(0)
     assert "policy and the value model's gradient" in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(before, policy, strict=True))  # not stepped
+
+
+def _no_room_for_big_files():
+    """In the child: writes past 2 MB fail with EFBIG, as on a full disk (SIGXFSZ ignored, so
+    the write raises instead of killing the process)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_loses_nothing(peaked, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    policy, pm, _, _ = peaked
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "constitutional", "rl", "ppo", "--policy", str(policy),
+            "--pm", str(pm), "--prompts", "builtin:helpful", "--limit", "8", "--out", str(out),
+            "--steps", "2", "--save-steps", "1", "--rollout-batch", "4", "--minibatch", "4",
+            "--max-new-tokens", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    full = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env,
+                          preexec_fn=_no_room_for_big_files, check=False)
+    errors = [x for x in full.stderr.splitlines() if x.startswith("error:")]
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr
+    assert len(errors) == 1 and "cannot write" in errors[0] and "File too large" in errors[0]
+    # what was written before the checkpoint is kept; the half-written one is not taken as one
+    assert json.loads((out / "ppo.config.json").read_text())["steps"] == 2
+    assert [json.loads(x)["step"] for x in (out / "ppo_log.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "checkpoints" / "step-1").exists()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "checkpoints" / "step-2").is_dir() and (out / "model.safetensors").exists()

@@ -26,7 +26,7 @@ from constitutional.cli.options import err_console, out
 from constitutional.cli.rl import rl_app
 from constitutional.cli.run import run_cmd
 from constitutional.cli.sl import sl_app
-from constitutional.core.errors import UserError
+from constitutional.core.errors import UserError, out_of_space
 from constitutional.core.log import setup_logging
 
 try:  # typer >= 0.20 vendors click
@@ -110,6 +110,12 @@ def _main(argv: list[str] | None) -> int:
     except (KeyboardInterrupt, Abort):
         err_console.print("interrupted")
         return 130
+    except Exception as err:  # only a write that found no room becomes one line
+        message = out_of_space(err)
+        if message is None:
+            raise
+        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 
