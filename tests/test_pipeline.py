@@ -286,3 +286,29 @@ def test_a_training_source_holding_xstest_prompts_is_refused(tiny_model_dir, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "red_team" in err[0] and "XSTest" in err[0]
     assert not (run / "sl").exists()
+
+
+def test_fingerprints_follow_the_engine_dtype_and_device(tmp_path, monkeypatch):
+    """The backend a generating stage can resolve to, its generation dtype and the device are
+    part of the fingerprints of the stages whose models they change, and only of those; the
+    defaults on a machine without vLLM keep the fingerprints of runs made before."""
+    import constitutional.models as models
+    from constitutional.config import load_config
+    from constitutional.pipeline import Pipeline
+
+    def prints(*overrides: str, vllm: bool = False) -> dict[str, str]:
+        monkeypatch.setattr(models, "vllm_installed", lambda: vllm)
+        pl = Pipeline(load_config(None, list(overrides)), tmp_path / "run")
+        return {s.name: pl.fingerprint(s) for s in pl.stages}
+
+    base = prints()
+    assert prints("backend=hf") == base == prints("generate_dtype=auto")
+    changed = {name for name, f in prints("generate_dtype=bfloat16").items() if f != base[name]}
+    assert changed == {"revise", "sample", "eval"}
+    changed = {name for name, f in prints("backend=vllm").items() if f != base[name]}
+    assert changed == {"revise", "sample", "eval"}
+    # backend auto picks vLLM for large sample and eval stages once it is installed
+    changed = {name for name, f in prints(vllm=True).items() if f != base[name]}
+    assert changed == {"sample", "eval"}
+    changed = {name for name, f in prints("device=cuda:1").items() if f != base[name]}
+    assert changed == {"revise", "sample", "label", "eval"}

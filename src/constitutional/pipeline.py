@@ -171,17 +171,19 @@ class Pipeline:
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, "prompt_seed": cfg.seed + 1,
                                "constitution": cfg.constitution,
-                               **cfg.revise.settings_dump()}, [], [], _revise),
+                               **cfg.revise.settings_dump(), **_engine(cfg, "generate")},
+                  [], [], _revise),
             Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
                   lambda cfg: {**common(cfg), "helpful": cfg.helpful, **cfg.sl_train.model_dump()},
                   ["sl/revise.sft.jsonl"], ["revise"], _sl_train),
             Stage("sample", "rl", ["rl/pairs.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
-                               "limit": cfg.red_team_limit, **cfg.sample.model_dump()},
+                               "limit": cfg.red_team_limit, **cfg.sample.model_dump(),
+                               **_engine(cfg, "generate, auto")},
                   ["sl/model"], ["sl_train"], _sample),
             Stage("label", "", ["rl/labels.jsonl", "rl/preferences.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
-                               **cfg.label.model_dump()},
+                               **cfg.label.model_dump(), **_engine(cfg, "score")},
                   ["rl/pairs.jsonl"], ["sample"], _label),
             *self._calibrate_stage(),
             Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
@@ -211,7 +213,8 @@ class Pipeline:
                              "eval/revision_curve.json",
                              *(["eval/xstest.json"] if self.config.eval.xstest.enabled else [])],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
-                         "constitution": cfg.constitution, **cfg.eval.settings_dump()},
+                         "constitution": cfg.constitution, **cfg.eval.settings_dump(),
+                         **_engine(cfg, "generate, auto")},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
 
@@ -245,7 +248,8 @@ class Pipeline:
                       lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
                                    **cfg.label.model_dump(), "data": str(data),
                                    "limit": cfg.gates.calibration_limit,
-                                   "sample": cfg.gates.calibration_sample},
+                                   "sample": cfg.gates.calibration_sample,
+                                   **_engine(cfg, "score")},
                       [str(data)], ["label"], _calibrate)]
 
     def fingerprint(self, stage: Stage) -> str:
@@ -419,6 +423,27 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
         result = revise(config, _model(c.model, c, 0), critic=critic)
     s = result.summary
     return {k: s.get(k) for k in ("generated_tokens", "tokens_per_second")}
+
+
+def _engine(cfg: RunConfig, use: str) -> dict[str, Any]:
+    """What changes the output of a stage's model beside the stage's settings, for its
+    fingerprint: the device; for a stage that generates, the backend it can resolve to and the
+    generation dtype (``use`` says which: ``score``, ``generate``, or ``generate, auto`` where
+    ``backend: auto`` picks vLLM for a large enough stage once vLLM is installed, see
+    :func:`_model`). Empty for the defaults on a machine without vLLM (hf in the weights' dtype),
+    so runs made before these keys keep their fingerprints."""
+    from constitutional.models import vllm_installed
+
+    out: dict[str, Any] = {"device": cfg.device} if cfg.device else {}
+    if use.startswith("generate"):
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "auto, vllm installed" if "auto" in use and vllm_installed() else "hf"
+        if backend != "hf":
+            out["backend"] = backend
+        if cfg.generate_dtype != "auto":
+            out["generate_dtype"] = cfg.generate_dtype
+    return out
 
 
 def _model(spec: str, c: RunConfig, tokens: int | None = None):
