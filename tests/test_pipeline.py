@@ -292,7 +292,7 @@ def test_fingerprints_follow_the_engine_dtype_and_device(tmp_path, monkeypatch):
     """The backend a generating stage can resolve to, its generation dtype and the device are
     part of the fingerprints of the stages whose models they change, and only of those; the
     defaults on a machine without vLLM keep the fingerprints of runs made before."""
-    import constitutional.models as models
+    from constitutional import models
     from constitutional.config import load_config
     from constitutional.pipeline import Pipeline
 

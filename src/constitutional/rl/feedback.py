@@ -110,6 +110,29 @@ def few_shot_block(constitution: Constitution, n: int, k: int, seed: int,
     return shots, ids
 
 
+def pointwise_shot_block(constitution: Constitution, n: int, k: int, seed: int) -> list[P.Shot]:
+    """Member ``k``'s pointwise demonstrations: ``n`` feedback examples drawn (seeded), each
+    shown with its preferred reply (answer ``Yes``) or the other one (``No``), a coin each, in
+    a seeded order, under its own sampled principle."""
+    if n == 0:
+        return []
+    examples = constitution.feedback_examples
+    if n > len(examples):
+        raise UserError(f"asked for {n} demonstrations but constitution {constitution.name!r} "
+                        f"has {len(examples)} feedback demonstrations", field="few_shot")
+    rng = random.Random(stable_hash("few-shot-pointwise", seed, k))
+    shots = []
+    for example in rng.sample(examples, n):
+        principle = constitution.sample_feedback(rng, 1)[0]
+        preferred = example.answer_index
+        meets = rng.random() < 0.5
+        other = next(o for j, o in enumerate(example.options) if j != preferred)
+        reply = example.options[preferred] if meets else other
+        shots.append(P.pointwise_shot(example.messages, reply, principle.text, meets,
+                                      rng.choice(ORDERS)))
+    return shots
+
+
 def pair_principles(constitution: Constitution, messages: list[Message], k: int,
                     seed: int) -> list[Any]:
     """The ``k`` principles of a pair, seeded by its conversation (so its swap gets the same)."""
@@ -176,6 +199,15 @@ class FeedbackScorer:
             out.append(Question(item, k, order,
                                 P.question(messages, principle, options, self.special)))
         return out
+
+    def pointwise_questions(self, item: int, k: int, messages: Sequence[Message],
+                            principle: str, answer: str,
+                            orders: Sequence[str] = ORDERS) -> list[Question]:
+        """The pointwise questions about one answer under one principle, one per order; their
+        ``p_response_a`` is P(the answer meets the principle) (``Yes`` is option A in ``"ab"``)."""
+        return [Question(item, k, order, P.pointwise_question(messages, answer, principle, order,
+                                                              self.special))
+                for order in orders]
 
     def score(self, questions: Sequence[Question], shots: Sequence[P.Shot], *,
               cot: ChainOfThought | None = None, batch_size: int | None = None) -> None:

@@ -91,6 +91,11 @@ class GRPOSettings(Settings):
                             "installed and a GPU is present, else cai's), cai (our CPU engine, "
                             "seeded per prompt, step and sample, so the answers do not depend "
                             "on the process layout; not with LoRA) or trl (TRL's generate).")
+    judge_form: Literal["pairwise", "pointwise"] = Field(
+        "pairwise", description="The judge reward's question: pairwise (the sampled answer "
+                                "against the starting policy's greedy answer, both orders) or "
+                                "pointwise (does the answer meet the principle: yes or no, "
+                                "both orders).")
     rollout_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="The dtype cai's engine samples in (auto: bfloat16 on CPUs that "
                             "compute in it natively, else the policy's); the log-probabilities "
@@ -341,6 +346,8 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
         lm = load_model(feedback)
         shape = label if label is not None else LabelConfig(
             feedback_model=feedback, constitution=config.constitution, seed=config.seed)
+        if config.judge_form == "pointwise":
+            return JudgeReward(lm, shape, form="pointwise")
         if state.is_main_process:
             reference_answers(config.policy, prompts, config.max_new_tokens,
                               out / "references.jsonl", seed=config.seed)

@@ -16,6 +16,10 @@ single tokens ``A`` and ``B`` are read. With chain of thought the model first co
 ``Let's think step by step:`` and the answer prefix comes after its reasoning
 (``So the answer is: (``), as in the paper's chain-of-thought prompts.
 
+The judge reward's **pointwise** form (:func:`pointwise_question`) asks about one answer in the
+same layout: the conversation ends in the answer, the principle is put as a yes/no question, and
+the options are ``Yes`` and ``No`` (swapped in the second order).
+
 Layout for prefix reuse
 -----------------------
 The few-shot demonstrations come **first** and are byte-identical for every pair scored by the same
@@ -174,6 +178,39 @@ def shot(
     if reasoning is None:
         return Shot(q, f"{ANSWER_PREFIX}{answer})")
     return Shot(q, f"{COT_TRIGGER} {reasoning.strip()}\n{COT_ANSWER_PREFIX}{answer})")
+
+
+# ------------------------------------------------------------------------------------------------
+# the pointwise question (the judge reward's ``pointwise`` form)
+
+#: The pointwise question's two options, in order ``"ab"`` (``"ba"`` swaps them).
+POINTWISE_OPTIONS = ("Yes", "No")
+POINTWISE_ASK = ("Judge the assistant's last reply by this principle: {principle} "
+                 "Does the reply meet it?")
+
+
+def pointwise_question(
+    messages: Sequence[Message],
+    answer: str,
+    principle: str,
+    order: str = "ab",
+    special_tokens: Iterable[str] = (),
+) -> str:
+    """The pointwise question about one answer: the conversation ending in ``answer``, the
+    principle as a yes/no question, options ``Yes``/``No`` (``No``/``Yes`` in order ``"ba"``).
+    The same layout as :func:`question`, so it parses with :func:`parse_question`."""
+    options = POINTWISE_OPTIONS if order == "ab" else POINTWISE_OPTIONS[::-1]
+    return question([*messages, {"role": "assistant", "content": answer}],
+                    POINTWISE_ASK.format(principle=" ".join(principle.split())), options,
+                    special_tokens)
+
+
+def pointwise_shot(messages: Sequence[Message], answer: str, principle: str, meets: bool,
+                   order: str) -> Shot:
+    """A pointwise demonstration: ``answer`` does (``meets``) or does not meet the principle."""
+    letter = LETTERS[0] if meets == (order == "ab") else LETTERS[1]
+    return Shot(pointwise_question(messages, answer, principle, order),
+                f"{ANSWER_PREFIX}{letter})")
 
 
 def _chat(shots: Sequence[Shot], q: str, assistant_prefix: str) -> Conversation:

@@ -17,9 +17,13 @@ Each reward is a callable with TRL's ``reward_funcs`` signature, ``f(prompts, co
   (seeded), so every answer in one GRPO/RLOO group is judged under the same principle and their
   group-relative advantages compare like with like.
 
-  *Why pairwise, not a pointwise score:* the constitution's principles are comparative ("choose
-  the response that …"); pairwise against a fixed reference uses them as written, as the
-  labeller does, and both orders cancel the position bias that pointwise scoring cannot see.
+  The **pointwise** form (``grpo.judge_form: pointwise``) asks instead whether the answer meets
+  the principle, options ``Yes``/``No`` in both orders, after pointwise demonstrations drawn
+  from the constitution's feedback examples (the preferred reply is a ``Yes``, the other a
+  ``No``); the reward is P(Yes) and no reference answer is needed. Pairwise is the default:
+  the constitution's principles are comparative ("which reply is safer …"), pairwise uses them
+  as written, as the labeller does, and ``bench/judge_form.py`` measures the two forms on
+  answers that people ranked (figures in the README).
 * ``module:function``: any importable callable with TRL's reward signature.
 
 A judge whose feedback model is the policy's own starting checkpoint is that checkpoint's frozen
@@ -42,6 +46,7 @@ from constitutional.core.messages import Message
 log = logging.getLogger(__name__)
 
 BUILT_IN = ("pm", "judge")
+JUDGE_FORMS = ("pairwise", "pointwise")
 
 
 def parse_rewards(value: Any) -> dict[str, float]:
@@ -118,17 +123,31 @@ class JudgeReward(_Reward):
 
     __name__ = "judge"
 
-    def __init__(self, lm: Any, label: Any, references: dict[str, str]) -> None:
-        from constitutional.rl.feedback import ORDERS, FeedbackScorer, few_shot_block
+    def __init__(self, lm: Any, label: Any, references: dict[str, str] | None = None, *,
+                 form: str = "pairwise") -> None:
+        from constitutional.rl.feedback import (
+            ORDERS,
+            FeedbackScorer,
+            few_shot_block,
+            pointwise_shot_block,
+        )
         from constitutional.rl.label import resolve_constitution
 
+        if form not in JUDGE_FORMS:
+            raise UserError(f"unknown judge form {form!r}: use {' or '.join(JUDGE_FORMS)}",
+                            field="judge_form")
         self.label = label
+        self.form = form
         self.constitution = resolve_constitution(label)
         self.scorer = FeedbackScorer(lm, label.prompt_format)
-        self.shots = [few_shot_block(self.constitution, label.few_shot, k, label.seed, False)
-                      for k in range(label.principles)]
+        if form == "pairwise":
+            self.shots = [few_shot_block(self.constitution, label.few_shot, k, label.seed,
+                                         False)[0] for k in range(label.principles)]
+        else:
+            self.shots = [pointwise_shot_block(self.constitution, label.few_shot, k, label.seed)
+                          for k in range(label.principles)]
         self.orders = ORDERS if label.both_orders else ORDERS[:1]
-        self.references = references
+        self.references = references or {}
         self.step = 0
         self.calls = 0
 
@@ -151,10 +170,15 @@ class JudgeReward(_Reward):
             for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
                 rng = random.Random(stable_hash("judge", cfg.seed, self.step, list(prompt)))
                 principle = self.constitution.sample_feedback(rng, cfg.principles)[k]
-                questions += self.scorer.questions(i, k, list(prompt), principle.text, answer,
-                                                   self.reference(prompt), self.orders)
+                if self.form == "pointwise":
+                    questions += self.scorer.pointwise_questions(
+                        i, k, list(prompt), principle.text, answer, self.orders)
+                else:
+                    questions += self.scorer.questions(i, k, list(prompt), principle.text,
+                                                       answer, self.reference(prompt),
+                                                       self.orders)
             # one score call per member: every question after the same demonstrations
-            self.scorer.score(questions, self.shots[k][0])
+            self.scorer.score(questions, self.shots[k])
             for q in questions:
                 totals[q.item].append(q.p_response_a)
         return [ensemble(t) for t in totals]
