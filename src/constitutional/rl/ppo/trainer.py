@@ -294,7 +294,7 @@ class PPOTrainer:
         self.policy.train()
         self.value.train()
         n_micro = 0
-        norms: list[tuple[float, float]] = []
+        norms: list[float] = []
         for _ in range(c.ppo_epochs):
             order = torch.randperm(B, generator=g).tolist()
             for start in range(0, B, mb):
@@ -311,9 +311,8 @@ class PPOTrainer:
         # each process holds its share of every minibatch mean: the sum over processes is the mean
         means = self._all_sum(torch.stack([torch.stack(v).mean() for v in stats.values()]))
         out = dict(zip(stats, means.tolist(), strict=True))
-        # the gradients' norms before clipping (all-reduced already: the same on every process)
-        out["grad_norm_policy"] = sum(n[0] for n in norms) / len(norms)
-        out["grad_norm_value"] = sum(n[1] for n in norms) / len(norms)
+        # the gradient's norm before clipping (all-reduced already: the same on every process)
+        out["grad_norm"] = sum(norms) / len(norms)
         return out
 
     def _minibatch_step(self, r: Rollout, i: Any) -> dict[str, Any]:
@@ -350,31 +349,23 @@ class PPOTrainer:
                             output_hidden_states=True, use_cache=False).hidden_states[-1]
         return self.value_head.head(hidden).squeeze(-1).float()
 
-    def _optimizer_step(self, step: int) -> tuple[float, float]:
-        """Clip the policy's and the critic's gradients apart (a badly fit critic's large
-        gradient must not shrink the policy's step), refuse a non-finite one (before it reaches
-        the weights), step; the two norms before clipping."""
-        import torch
-
+    def _optimizer_step(self, step: int) -> float:
+        """Clip the gradient, refuse a non-finite one (before it reaches the weights), step; the
+        gradient's norm before clipping."""
         acc = self.accelerator
         if self.config.value_train == "head" and acc.num_processes > 1:
             for p in self.value_head.head.parameters():  # what DDP does for the policy
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, "mean")
-        acc.unscale_gradients()  # mixed precision's loss scale, once, before either clip
-        policy, value = (group["params"] for group in self.optimizer.param_groups)
-        norms = tuple(float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
-                      if params else 0.0 for params in (policy, value))
-        bad = [name for name, n in zip(("policy", "value model"), norms, strict=True)
-               if not math.isfinite(n)]
-        if bad:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = float(acc.clip_grad_norm_(params, self.config.max_grad_norm))
+        if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NotFinite(step + 1, f"the {' and the '.join(bad)}'s gradient",
-                            self._latest_checkpoint())
+            raise NotFinite(step + 1, "the gradient", self._latest_checkpoint())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norms
+        return norm
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -450,8 +441,7 @@ class PPOTrainer:
             "entropy": ent_all.mean().item(),
             "clip_frac": learn["clip_frac"],
             "approx_kl": learn["approx_kl"],
-            "grad_norm_policy": learn["grad_norm_policy"],
-            "grad_norm_value": learn["grad_norm_value"],
+            "grad_norm": learn["grad_norm"],
             "policy_loss": learn["policy_loss"],
             "value_loss": learn["value_loss"],
             "value_explained_var": explained_variance(r.values, r.returns, r.response_mask,
