@@ -171,7 +171,7 @@ class Pipeline:
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, "prompt_seed": cfg.seed + 1,
                                "constitution": cfg.constitution,
-                               **cfg.revise.settings_dump(), **_engine(cfg, "generate")},
+                               **cfg.revise.settings_dump(), **_engine(cfg, generates=True)},
                   [], [], _revise),
             Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
                   lambda cfg: {**common(cfg), "helpful": cfg.helpful, **cfg.sl_train.model_dump()},
@@ -179,11 +179,11 @@ class Pipeline:
             Stage("sample", "rl", ["rl/pairs.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, **cfg.sample.model_dump(),
-                               **_engine(cfg, "generate, auto")},
+                               **_engine(cfg, generates=True, auto_vllm=True)},
                   ["sl/model"], ["sl_train"], _sample),
             Stage("label", "", ["rl/labels.jsonl", "rl/preferences.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
-                               **cfg.label.model_dump(), **_engine(cfg, "score")},
+                               **cfg.label.model_dump(), **_engine(cfg)},
                   ["rl/pairs.jsonl"], ["sample"], _label),
             *self._calibrate_stage(),
             Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
@@ -214,7 +214,7 @@ class Pipeline:
                              *(["eval/xstest.json"] if self.config.eval.xstest.enabled else [])],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
                          "constitution": cfg.constitution, **cfg.eval.settings_dump(),
-                         **_engine(cfg, "generate, auto")},
+                         **_engine(cfg, generates=True, auto_vllm=True)},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
 
@@ -249,7 +249,7 @@ class Pipeline:
                                    **cfg.label.model_dump(), "data": str(data),
                                    "limit": cfg.gates.calibration_limit,
                                    "sample": cfg.gates.calibration_sample,
-                                   **_engine(cfg, "score")},
+                                   **_engine(cfg)},
                       [str(data)], ["label"], _calibrate)]
 
     def fingerprint(self, stage: Stage) -> str:
@@ -425,20 +425,20 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
     return {k: s.get(k) for k in ("generated_tokens", "tokens_per_second")}
 
 
-def _engine(cfg: RunConfig, use: str) -> dict[str, Any]:
+def _engine(cfg: RunConfig, *, generates: bool = False, auto_vllm: bool = False
+            ) -> dict[str, Any]:
     """What changes the output of a stage's model beside the stage's settings, for its
-    fingerprint: the device; for a stage that generates, the backend it can resolve to and the
-    generation dtype (``use`` says which: ``score``, ``generate``, or ``generate, auto`` where
-    ``backend: auto`` picks vLLM for a large enough stage once vLLM is installed, see
-    :func:`_model`). Empty for the defaults on a machine without vLLM (hf in the weights' dtype),
-    so runs made before these keys keep their fingerprints."""
+    fingerprint: the device; for a stage that ``generates``, the backend it can resolve to and
+    the generation dtype (``auto_vllm``: ``backend: auto`` picks vLLM for a large enough stage
+    once vLLM is installed, see :func:`_model`). Empty for the defaults on a machine without
+    vLLM (hf in the weights' dtype), so runs made before these keys keep their fingerprints."""
     from constitutional.models import vllm_installed
 
     out: dict[str, Any] = {"device": cfg.device} if cfg.device else {}
-    if use.startswith("generate"):
+    if generates:
         backend = cfg.backend
         if backend == "auto":
-            backend = "auto, vllm installed" if "auto" in use and vllm_installed() else "hf"
+            backend = "auto, vllm installed" if auto_vllm and vllm_installed() else "hf"
         if backend != "hf":
             out["backend"] = backend
         if cfg.generate_dtype != "auto":

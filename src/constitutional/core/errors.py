@@ -6,6 +6,7 @@ prints it as one line and exits with code 2; a traceback is reserved for our own
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -39,8 +40,8 @@ class UserError(Exception):
         return f"{where}{field}{self.message}"
 
 
-#: errno values of a write that found no room: ENOSPC, EDQUOT, EFBIG (a file-size limit)
-_NO_ROOM = {28, 122, 27}
+#: errno values of a write that found no room (EFBIG: a file-size limit)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NO_ROOM_TEXT = ("No space left", "StorageFull", "File too large", "FileTooLarge",
                  "Disk quota exceeded", "QuotaExceeded", "os error 28", "os error 27")
 

@@ -87,17 +87,23 @@ def resolve_format(lm: LanguageModel, prompt_format: str) -> str:
     return "chat" if tok is None or getattr(tok, "chat_template", None) else "raw"
 
 
+def _examples(constitution: Constitution, n: int, cot: bool) -> list[Any]:
+    """The constitution's feedback (or chain-of-thought) demonstrations, at least ``n`` of them."""
+    examples = constitution.cot_examples if cot else constitution.feedback_examples
+    if n > len(examples):
+        what = "chain-of-thought" if cot else "feedback"
+        raise UserError(f"asked for {n} demonstrations but constitution {constitution.name!r} "
+                        f"has {len(examples)} {what} demonstrations", field="few_shot")
+    return examples
+
+
 def few_shot_block(constitution: Constitution, n: int, k: int, seed: int,
                    cot: bool) -> tuple[list[P.Shot], list[str]]:
     """Member ``k``'s demonstrations: ``n`` drawn (seeded) from the constitution, each with its
     own sampled principle. The same for every pair, so their prefix can be shared."""
     if n == 0:
         return [], []
-    examples = constitution.cot_examples if cot else constitution.feedback_examples
-    if n > len(examples):
-        what = "chain-of-thought" if cot else "feedback"
-        raise UserError(f"asked for {n} demonstrations but constitution {constitution.name!r} "
-                        f"has {len(examples)} {what} demonstrations", field="few_shot")
+    examples = _examples(constitution, n, cot)
     rng = random.Random(stable_hash("few-shot", seed, k, cot))
     chosen = rng.sample(examples, n)
     shots, ids = [], []
@@ -116,10 +122,7 @@ def pointwise_shot_block(constitution: Constitution, n: int, k: int, seed: int) 
     a seeded order, under its own sampled principle."""
     if n == 0:
         return []
-    examples = constitution.feedback_examples
-    if n > len(examples):
-        raise UserError(f"asked for {n} demonstrations but constitution {constitution.name!r} "
-                        f"has {len(examples)} feedback demonstrations", field="few_shot")
+    examples = _examples(constitution, n, False)
     rng = random.Random(stable_hash("few-shot-pointwise", seed, k))
     shots = []
     for example in rng.sample(examples, n):

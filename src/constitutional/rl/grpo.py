@@ -43,7 +43,7 @@ from constitutional.core.errors import UserError
 from constitutional.core.messages import Message
 from constitutional.core.settings import Field, Settings
 from constitutional.models import BUILTIN_MODEL
-from constitutional.rl.rewards import parse_rewards
+from constitutional.rl.rewards import JudgeForm, parse_rewards
 from constitutional.train import TrainRun, check_settings_unchanged
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class GRPOSettings(Settings):
                             "installed and a GPU is present, else cai's), cai (our CPU engine, "
                             "seeded per prompt, step and sample, so the answers do not depend "
                             "on the process layout; not with LoRA) or trl (TRL's generate).")
-    judge_form: Literal["pairwise", "pointwise"] = Field(
+    judge_form: JudgeForm = Field(
         "pairwise", description="The judge reward's question: pairwise (the sampled answer "
                                 "against the starting policy's greedy answer, both orders) or "
                                 "pointwise (does the answer meet the principle: yes or no, "

@@ -37,7 +37,7 @@ import logging
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from constitutional.core.errors import UserError
 from constitutional.core.io import stable_hash
@@ -46,7 +46,9 @@ from constitutional.core.messages import Message
 log = logging.getLogger(__name__)
 
 BUILT_IN = ("pm", "judge")
-JUDGE_FORMS = ("pairwise", "pointwise")
+#: ``grpo.judge_form``: the judge reward's question
+JudgeForm = Literal["pairwise", "pointwise"]
+JUDGE_FORMS: tuple[str, ...] = get_args(JudgeForm)
 
 
 def parse_rewards(value: Any) -> dict[str, float]:
