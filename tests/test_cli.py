@@ -80,3 +80,21 @@ def test_cai_generate_builtin_answers() -> None:
                    "What is the capital of France?")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_library_logs_follow_stderr_after_it_is_swapped(monkeypatch):
+    """The CLI's log handler writes to the stderr of the moment: a program (or a test) that swaps
+    stderr and closes the old stream does not get "--- Logging error ---" from library logs."""
+    import io
+    import logging
+    import sys
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    main(["models"])
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("constitutional.test").warning("still heard")
+    assert "still heard" in second.getvalue()
+    assert "Logging error" not in second.getvalue()

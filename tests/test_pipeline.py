@@ -311,4 +311,14 @@ def test_fingerprints_follow_the_engine_dtype_and_device(tmp_path, monkeypatch):
     changed = {name for name, f in prints(vllm=True).items() if f != base[name]}
     assert changed == {"sample", "eval"}
     changed = {name for name, f in prints("device=cuda:1").items() if f != base[name]}
-    assert changed == {"revise", "sample", "label", "eval"}
+    assert changed == {"revise", "sl_train", "sample", "label", "pm", "ppo", "eval"}
+    # the model settings (issue 26): at their defaults they leave the fingerprints as they were;
+    # set, they change their stage's; helpful_limit those of the stages that read it
+    assert prints("sl_train.gradient_checkpointing=true", "rl.dtype=float32",
+                  "pm.trust_remote_code=false") == base
+    changed = {name for name, f in prints("sl_train.dtype=bfloat16",
+                                          "rl.lora_target_modules=[q_proj]").items()
+               if f != base[name]}
+    assert changed == {"sl_train", "ppo"}
+    changed = {name for name, f in prints("helpful_limit=5").items() if f != base[name]}
+    assert changed == {"sl_train", "ppo"}

@@ -13,6 +13,7 @@ from constitutional.core.errors import UserError
 from constitutional.rl.ppo import (
     PPOConfig,
     PPOTrainer,
+    answer_logprobs,
     gae,
     kl_penalised_rewards,
     pack,
@@ -114,6 +115,70 @@ def test_pack_places_answers_after_a_common_query_width():
     assert ids.tolist() == [[5, 6, 7, 1, 2], [0, 0, 8, 3, 0]]
     assert pos[1, 2:4].tolist() == [0, 1]
     assert rmask.tolist() == [[1, 1], [1, 0]]
+
+
+def _full_vocab_logprobs(model, ids, mask, pos, Q):
+    """The reference: every answer position's full-vocabulary log-softmax."""
+    R = ids.shape[1] - Q
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   logits_to_keep=R + 1).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, ids[:, Q:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements held by the storage of any tensor an operation returns (forward
+    and backward; a view or an expansion counts the storage it shares, not its shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_answer_logprobs_in_chunks_equal_the_full_vocabulary_ones(peaked, lora):
+    """Chunked log-probabilities, entropies and gradients equal those of the full [B, R, V]
+    log-softmax; and no tensor of the forward or the backward pass holds the logits of more
+    than one chunk of answer positions (the old code's [B, R, V] logits fail this)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(peaked[0], dtype=torch.float32)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    V = model.get_output_embeddings().out_features
+    queries = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    answers = [[20 + i for i in range(50)], [100 + i for i in range(30)],
+               [200 + i for i in range(45)]]
+    ids, mask, pos, Q, rmask = pack(queries, answers, 0, "cpu")
+    with torch.no_grad():
+        want, want_entropy = _full_vocab_logprobs(model, ids, mask, pos, Q)
+        got, entropy = answer_logprobs(model, ids, mask, pos, Q, with_entropy=True, chunk=4)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(entropy, want_entropy, atol=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    (_full_vocab_logprobs(model, ids, mask, pos, Q)[0] * rmask).sum().backward()
+    want_grads = [p.grad.clone() for p in trainable]
+    model.zero_grad()
+    with LargestTensor() as largest:
+        (answer_logprobs(model, ids, mask, pos, Q, chunk=4)[0] * rmask).sum().backward()
+    for p, g in zip(trainable, want_grads, strict=True):
+        assert (p.grad - g).abs().max() <= 1e-4 * g.abs().max()
+    # the largest tensors are the [V, hidden] embedding's (weights and gradient) and one chunk's
+    # logits [4, V], never the [B, R, V] of all answer positions (150 × V here)
+    hidden = model.get_output_embeddings().in_features
+    B, R = rmask.shape
+    assert B * R > 2 * hidden
+    assert largest.most <= max(4, hidden) * V
 
 
 def test_ppo_raises_a_token_reward_with_bounded_kl(peaked, tmp_path, caplog):
@@ -348,10 +413,37 @@ def test_a_non_finite_gradient_never_reaches_the_weights(peaked, tmp_path):
     before = [p.detach().clone() for p in policy]
     with pytest.raises(UserError) as err:
         trainer._optimizer_step(0)
-    assert "PPO step 1: the gradient is NaN or infinite" in str(err.value)
+    assert "PPO step 1: the policy model's gradient is NaN or infinite" in str(err.value)
     assert "no checkpoint was saved before it" in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(before, policy, strict=True))  # not stepped
     assert all(p.grad is None for p in policy)
+
+
+def test_the_policy_and_the_critic_are_clipped_apart(peaked, tmp_path):
+    """A critic's huge gradient does not shrink the policy's: each is clipped to max_grad_norm
+    on its own, and both norms are reported (one joint clip scaled the policy's 0.5 by 1/200)."""
+    trainer = PPOTrainer(config(peaked, tmp_path, max_grad_norm=1.0), rewarder=TokenReward("x"),
+                         prompts=PROMPTS)
+    policy, value = (trainer.optimizer.param_groups[k]["params"] for k in (0, 1))
+
+    def set_grads(params, norm):
+        n = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = torch.full_like(p, norm / n**0.5)
+
+    set_grads(policy, 0.5)
+    set_grads(value, 200.0)
+    seen = {}
+
+    def step(*args, **kwargs):
+        for name, params in (("policy", policy), ("value", value)):
+            seen[name] = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in params])))
+
+    trainer.optimizer.step = step
+    norms = trainer._optimizer_step(0)
+    assert norms == pytest.approx({"policy": 0.5, "value": 200.0}, rel=1e-2)
+    assert seen == pytest.approx({"policy": 0.5, "value": 1.0}, rel=1e-2)
 
 
 def _no_room_for_big_files():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ValidationError, model_validator
+from pydantic import BeforeValidator, ValidationError, field_serializer, model_validator
 
 from constitutional.core.errors import UserError
 from constitutional.core.settings import (
@@ -25,6 +25,7 @@ from constitutional.core.settings import (
 )
 from constitutional.evaluate.xstest import XSTestSettings
 from constitutional.models import BUILTIN_MODEL
+from constitutional.models.vllm import VLLMSettings
 from constitutional.rl.dpo import DPOSettings
 from constitutional.rl.gates import GateSettings
 from constitutional.rl.grpo import GRPOSettings, RewardSetting
@@ -116,6 +117,40 @@ class EvalSettings(Settings):
     omit_unset = ("second_judge",)  # runs without one keep their eval fingerprint
 
 
+#: The stages that can load a model through the vllm backend, each with its own ``vllm.<stage>``.
+VLLM_STAGES = ("revise", "sample", "label", "calibrate", "eval")
+
+
+class VLLMSection(VLLMSettings):
+    """``vllm:``: the engine arguments of the stages' vLLM engines (sample and eval answers
+    with ``backend: auto`` or ``vllm``, revise with ``backend: vllm``, and any ``vllm:`` model
+    spec); a stage's own settings under its name (``vllm.eval.max_model_len``) override these.
+    Each stage opens its engines and shuts them down when it ends."""
+
+    revise: VLLMSettings | None = Field(None, description="The revise stage's own.")
+    sample: VLLMSettings | None = Field(None, description="The sample stage's own.")
+    label: VLLMSettings | None = Field(None, description="The label stage's own (a vllm: "
+                                                         "feedback model).")
+    calibrate: VLLMSettings | None = Field(None, description="The calibrate stage's own.")
+    eval: VLLMSettings | None = Field(None, description="The eval stage's own (its answers).")
+
+    @field_serializer(*VLLM_STAGES)
+    def _given_only(self, own: VLLMSettings | None) -> dict[str, Any] | None:
+        """A stage's own settings as given (its defaults would override the shared ones when
+        the written config.yaml is read again)."""
+        return None if own is None else own.model_dump(mode="json", exclude_unset=True)
+
+    def for_stage(self, stage: str | None) -> VLLMSettings:
+        """The engine arguments of ``stage``: its own over the shared ones."""
+        merged = self.model_dump(exclude=set(VLLM_STAGES))
+        own = getattr(self, stage, None) if stage in VLLM_STAGES else None
+        if own is not None:
+            given = own.model_dump(exclude_unset=True)
+            merged["extra"] = {**merged["extra"], **given.pop("extra", {})}
+            merged.update(given)
+        return VLLMSettings(**merged)
+
+
 class RunConfig(Settings):
     """Everything ``cai run`` does, stage by stage."""
 
@@ -141,6 +176,9 @@ class RunConfig(Settings):
                             "on CPU). bfloat16 is ~1.6x faster on CPUs with AVX512-BF16 or AMX, "
                             "but a resumed or sharded stage then no longer reproduces an "
                             "uninterrupted run record for record.")
+    vllm: VLLMSection = Field(default_factory=VLLMSection,
+                              description="vLLM's engine arguments (gpu_memory_utilization, "
+                                          "kv_cache_gib, max_model_len, …), per stage too.")
     keep_checkpoints: bool = Field(False, description="Keep the training stages' resume "
                                                       "checkpoints once done.")
     revise: ReviseSettings = Field(default_factory=ReviseSettings)

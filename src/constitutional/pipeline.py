@@ -41,6 +41,7 @@ stops with one error line (``strict``; what was written stays, and the report is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ from typing import Any
 from constitutional.config import RunConfig
 from constitutional.core.errors import UserError
 from constitutional.core.io import JsonlStore, atomic_write_text, stable_hash
+from constitutional.models.vllm import engines_scope
 from constitutional.rl.gates import GATED_STAGES
 
 log = logging.getLogger(__name__)
@@ -171,23 +173,26 @@ class Pipeline:
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, "prompt_seed": cfg.seed + 1,
                                "constitution": cfg.constitution,
-                               **cfg.revise.settings_dump(), **_engine(cfg, generates=True)},
+                               **cfg.revise.settings_dump(),
+                               **_engine(cfg, generates=True, stage="revise")},
                   [], [], _revise),
             Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
-                  lambda cfg: {**common(cfg), "helpful": cfg.helpful, **cfg.sl_train.model_dump()},
+                  lambda cfg: {**common(cfg), "helpful": cfg.helpful,
+                               "helpful_limit": cfg.helpful_limit,
+                               **cfg.sl_train.settings_dump(), **_engine(cfg)},
                   ["sl/revise.sft.jsonl"], ["revise"], _sl_train),
             Stage("sample", "rl", ["rl/pairs.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, **cfg.sample.model_dump(),
-                               **_engine(cfg, generates=True, auto_vllm=True)},
+                               **_engine(cfg, generates=True, auto_vllm=True, stage="sample")},
                   ["sl/model"], ["sl_train"], _sample),
             Stage("label", "", ["rl/labels.jsonl", "rl/preferences.jsonl"],
                   lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
-                               **cfg.label.model_dump(), **_engine(cfg)},
+                               **cfg.label.model_dump(), **_engine(cfg, stage="label")},
                   ["rl/pairs.jsonl"], ["sample"], _label),
             *self._calibrate_stage(),
             Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
-                  lambda cfg: {**common(cfg), **cfg.pm.model_dump()},
+                  lambda cfg: {**common(cfg), **cfg.pm.settings_dump(), **_engine(cfg)},
                   ["rl/preferences.jsonl"], ["label"], _pm),
         ]
         algos = self.algos()
@@ -196,7 +201,9 @@ class Pipeline:
                 "ppo", "ppo", ["ppo/model.safetensors", "ppo/ppo_log.jsonl"],
                 lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                              "helpful": cfg.helpful, "limit": cfg.red_team_limit,
-                             **cfg.rl.model_dump(exclude={"reward"}),
+                             "helpful_limit": cfg.helpful_limit, **_engine(cfg),
+                             **{k: v for k, v in cfg.rl.settings_dump().items()
+                                if k != "reward"},
                              # PPO's output depends on neither: runs keep their fingerprint
                              "algo": "both" if cfg.rl.algo == "both" else "ppo"},
                 ["sl/model", "pm"], ["sl_train", "pm"], _ppo))
@@ -206,7 +213,7 @@ class Pipeline:
         if "dpo" in algos:
             stages.append(Stage(
                 "dpo", "dpo", ["dpo/model.safetensors", "dpo/dpo.json"],
-                lambda cfg: {"seed": cfg.seed, **cfg.dpo.model_dump()},
+                lambda cfg: {"seed": cfg.seed, **cfg.dpo.settings_dump(), **_engine(cfg)},
                 ["sl/model", "rl/preferences.jsonl"], ["sl_train", "label"], _dpo))
         stages.append(Stage(
             "eval", "eval", ["eval/answers.jsonl", "eval/elo.json", "eval/evasiveness.json",
@@ -214,7 +221,7 @@ class Pipeline:
                              *(["eval/xstest.json"] if self.config.eval.xstest.enabled else [])],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
                          "constitution": cfg.constitution, **cfg.eval.settings_dump(),
-                         **_engine(cfg, generates=True, auto_vllm=True)},
+                         **_engine(cfg, generates=True, auto_vllm=True, stage="eval")},
             ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
         return stages
 
@@ -227,8 +234,8 @@ class Pipeline:
 
         def settings(cfg: RunConfig) -> dict[str, Any]:
             return {"seed": cfg.seed, "red_team": cfg.red_team, "helpful": cfg.helpful,
-                    "limit": cfg.red_team_limit, "reward": cfg.rl.reward,
-                    **cfg.grpo.model_dump(),
+                    "limit": cfg.red_team_limit, "helpful_limit": cfg.helpful_limit,
+                    "reward": cfg.rl.reward, **cfg.grpo.settings_dump(), **_engine(cfg),
                     **({"feedback_model": self.feedback_model,
                         "constitution": cfg.constitution, "label": cfg.label.model_dump()}
                        if judge else {})}
@@ -249,7 +256,7 @@ class Pipeline:
                                    **cfg.label.model_dump(), "data": str(data),
                                    "limit": cfg.gates.calibration_limit,
                                    "sample": cfg.gates.calibration_sample,
-                                   **_engine(cfg)},
+                                   **_engine(cfg, stage="calibrate")},
                       [str(data)], ["label"], _calibrate)]
 
     def fingerprint(self, stage: Stage) -> str:
@@ -309,7 +316,8 @@ class Pipeline:
             if on_stage:
                 on_stage(stage.name, "running", 0.0)
             t0 = time.perf_counter()
-            info = stage.run(self) or {}
+            with engines_scope(f"stage {stage.name}"):  # its vLLM engines end with it
+                info = stage.run(self) or {}
             seconds = round(time.perf_counter() - t0, 2)
             self.state["stages"][stage.name] = {"fingerprint": fp, "status": "done",
                                                 "seconds": seconds, **info}
@@ -419,19 +427,32 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
         # `backend: auto` keeps revise on hf (0 tokens counted): with its shared few-shot prefix
         # and each step's context extending the last, our engine beat vLLM-CPU at 32 and at 320
         # prompts, start-up aside (bench/revise.py: 119.6 vs 76.8 and 131.1 vs 97.1 tok/s)
-        critic = _model(config.critic_model, c, 0) if config.critic_model else None
-        result = revise(config, _model(c.model, c, 0), critic=critic)
+        with contextlib.ExitStack() as models:
+            critic = (models.enter_context(_model(config.critic_model, c, 0, stage="revise"))
+                      if config.critic_model else None)
+            lm = models.enter_context(_model(c.model, c, 0, stage="revise"))
+            result = revise(config, lm, critic=critic)
     s = result.summary
     return {k: s.get(k) for k in ("generated_tokens", "tokens_per_second")}
 
 
-def _engine(cfg: RunConfig, *, generates: bool = False, auto_vllm: bool = False
-            ) -> dict[str, Any]:
+#: The model specs of a stage that may name the vllm backend themselves (``vllm:…``).
+_SPECS: dict[str, Callable[[RunConfig], list[Any]]] = {
+    "revise": lambda cfg: [cfg.model, cfg.revise.critic_model],
+    "label": lambda cfg: [cfg.label.feedback_model],
+    "calibrate": lambda cfg: [cfg.label.feedback_model],
+    "eval": lambda cfg: [cfg.model, cfg.eval.judge, cfg.eval.second_judge]}
+
+
+def _engine(cfg: RunConfig, *, generates: bool = False, auto_vllm: bool = False,
+            stage: str | None = None) -> dict[str, Any]:
     """What changes the output of a stage's model beside the stage's settings, for its
     fingerprint: the device; for a stage that ``generates``, the backend it can resolve to and
     the generation dtype (``auto_vllm``: ``backend: auto`` picks vLLM for a large enough stage
-    once vLLM is installed, see :func:`_model`). Empty for the defaults on a machine without
-    vLLM (hf in the weights' dtype), so runs made before these keys keep their fingerprints."""
+    once vLLM is installed, see :func:`_model`); for a ``stage`` that can reach vLLM (by the
+    backend or a ``vllm:`` spec), its engine arguments that are not the defaults
+    (``vllm:``). Empty for the defaults on a machine without vLLM (hf in the weights' dtype),
+    so runs made before these keys keep their fingerprints."""
     from constitutional.models import vllm_installed
 
     out: dict[str, Any] = {"device": cfg.device} if cfg.device else {}
@@ -443,16 +464,25 @@ def _engine(cfg: RunConfig, *, generates: bool = False, auto_vllm: bool = False
             out["backend"] = backend
         if cfg.generate_dtype != "auto":
             out["generate_dtype"] = cfg.generate_dtype
+    if stage is not None:
+        specs = _SPECS.get(stage, lambda cfg: [])(cfg)
+        if "backend" in out or any(str(s or "").startswith("vllm:") for s in specs):
+            engine_args = cfg.vllm.for_stage(stage).changed()
+            if engine_args:
+                out["vllm"] = engine_args
     return out
 
 
-def _model(spec: str, c: RunConfig, tokens: int | None = None):
+def _model(spec: str, c: RunConfig, tokens: int | None = None, *, stage: str | None = None):
     """The model of a stage: for scoring (``tokens`` None) as ``spec`` says; for a stage that
-    generates about ``tokens`` tokens, through ``backend`` and in ``generate_dtype``."""
+    generates about ``tokens`` tokens, through ``backend`` and in ``generate_dtype``; a vLLM
+    engine with ``stage``'s engine arguments (``vllm:``). The caller closes it (``with``)."""
     from constitutional.models import choose_backend, load_model, parse_spec
 
     options: dict[str, Any] = {"device": c.device} if c.device else {}
     if tokens is None:
+        if parse_spec(spec).backend == "vllm":
+            options["engine"] = c.vllm.for_stage(stage)
         return load_model(spec, **options)
     dtype = "float32" if c.generate_dtype == "auto" else c.generate_dtype
     chosen = choose_backend(spec, c.backend, tokens=tokens, dtype=dtype)
@@ -461,6 +491,7 @@ def _model(spec: str, c: RunConfig, tokens: int | None = None):
                  tokens)
     if chosen.startswith("vllm:"):
         options["dtype"] = c.generate_dtype
+        options["engine"] = c.vllm.for_stage(stage)
     elif parse_spec(chosen).backend == "hf":
         options["generate_dtype"] = c.generate_dtype
     return load_model(chosen, **options)
@@ -472,6 +503,7 @@ def _sl_train(pl: Pipeline) -> dict[str, Any]:
     c = pl.config
     result = sl_train(SLTrainConfig(**c.sl_train.model_dump(), data=str(pl.p("sl")),
                                     model=c.model, out=pl.sl_model, helpful=c.helpful,
+                                    helpful_limit=c.helpful_limit, device=c.device,
                                     seed=c.seed, resume=True))
     return {k: result.metrics.get(k) for k in ("eval_loss_before", "eval_loss_after",
                                                 "train_rows")}
@@ -491,8 +523,9 @@ def _sample(pl: Pipeline) -> dict[str, Any]:
 
         result = ray_sample(prompts, config, pl.p("rl"), options)
     else:
-        result = sample(prompts, config, pl.p("rl"),
-                        model=_model(pl.sl_model, c, 2 * len(prompts) * config.max_new_tokens))
+        with _model(pl.sl_model, c, 2 * len(prompts) * config.max_new_tokens,
+                    stage="sample") as lm:
+            result = sample(prompts, config, pl.p("rl"), model=lm)
     return {"pairs": result.pairs}
 
 
@@ -510,7 +543,8 @@ def _label(pl: Pipeline) -> dict[str, Any]:
 
         result = ray_label(pairs, config, pl.p("rl"), options)
     else:
-        result = label(pairs, config, pl.p("rl"), model=_model(pl.feedback_model, c))
+        with _model(pl.feedback_model, c, stage="label") as lm:
+            result = label(pairs, config, pl.p("rl"), model=lm)
     return {"mean_p_a": result.mean_p_a, "position_bias_rate": result.position_bias_rate,
             "order_agreement": result.order_agreement,
             "mean_abs_p_a_minus_half": result.mean_abs_p_a_minus_half}
@@ -524,7 +558,8 @@ def _calibrate(pl: Pipeline) -> dict[str, Any]:
                              feedback_model=pl.feedback_model, constitution=c.constitution,
                              seed=c.seed, data=str(g.calibration), limit=g.calibration_limit,
                              sample=g.calibration_sample)
-    result = calibrate(config, pl.p("calibrate"), model=_model(pl.feedback_model, c))
+    with _model(pl.feedback_model, c, stage="calibrate") as lm:
+        result = calibrate(config, pl.p("calibrate"), model=lm)
     s = result.summary
     return {"accuracy": s["accuracy"], "ci_low": s["ci95"][0], "ci_high": s["ci95"][1],
             "n": s["n"], "verdict": s["verdict"], "position_bias_rate": s["position_bias_rate"],
@@ -537,7 +572,7 @@ def _pm(pl: Pipeline) -> dict[str, Any]:
     c = pl.config
     result = pm_train(PMConfig(**c.pm.model_dump(exclude={"model"}), labels=str(pl.p("rl")),
                                model=c.pm.model or c.model, out=str(pl.p("pm")), seed=c.seed,
-                               resume=True))
+                               device=c.device, resume=True))
     return {k: result.metrics.get(k) for k in ("eval_accuracy_before", "eval_accuracy",
                                                 "eval_rows")}
 
@@ -547,6 +582,7 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
 
     c, s = pl.config, pl.config.rl
     settings = {**s.model_dump(exclude={"algo", "reward"}), "limit": c.red_team_limit,
+                "helpful_limit": c.helpful_limit, "device": c.device,
                 "save_steps": min(s.save_steps, max(1, s.steps // 2))}
     result = ppo_train(PPOConfig(**settings, policy=pl.sl_model, pm=str(pl.p("pm")),
                                  prompts=c.red_team, out=str(pl.p("ppo")), helpful=c.helpful,
@@ -574,6 +610,7 @@ def _online(pl: Pipeline, algo: str) -> dict[str, Any]:
                         pm=str(pl.p("pm")) if "pm" in c.rl.reward else None,
                         feedback_model=feedback, constitution=c.constitution,
                         prompts=c.red_team, helpful=c.helpful, limit=c.red_team_limit,
+                        helpful_limit=c.helpful_limit, device=c.device,
                         out=str(pl.p(algo)), seed=c.seed, resume=True)
     result = grpo_train(config, label=label, on_step=lambda r: log.info(
         "%s step %d: reward %.3f, KL %.3f", algo, r["step"], r.get("reward_mean", float("nan")),
@@ -587,7 +624,7 @@ def _dpo(pl: Pipeline) -> dict[str, Any]:
     c = pl.config
     result = dpo_train(DPOStageConfig(**c.dpo.model_dump(), labels=str(pl.p("rl")),
                                       policy=pl.sl_model, out=str(pl.p("dpo")), seed=c.seed,
-                                      resume=True))
+                                      device=c.device, resume=True))
     return {k: result.metrics.get(k) for k in ("eval_margin_before", "eval_margin")}
 
 
@@ -615,7 +652,7 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
         score_xstest,
         xstest_rows,
     )
-    from constitutional.models import SamplingParams
+    from constitutional.models import LanguageModel, SamplingParams
     from constitutional.prompts.sources import load_prompts
     from constitutional.rl.preference import load_pm
 
@@ -649,12 +686,12 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
                 ray_answer(rows, spec, AnswerConfig(params), out, ray_options,
                            f"xstest-{name}", records=XSTEST_ANSWERS)
         else:  # one model for both sets of prompts
-            lm = _model(spec, c, len(todo) * e.max_new_tokens
-                        + xs_todo * (xs.max_new_tokens if xs else 0))
-            answer_rows(lm, todo, answer, out)
-            if xs_todo:
-                answer_checkpoint(lm, name, xs_prompts, xs, out)
-            del lm
+            with _model(spec, c, len(todo) * e.max_new_tokens
+                        + xs_todo * (xs.max_new_tokens if xs else 0), stage="eval") as lm:
+                answer_rows(lm, todo, answer, out)
+                if xs_todo:
+                    answer_checkpoint(lm, name, xs_prompts, xs, out)
+            del lm  # one checkpoint's model in memory at a time
         store = JsonlStore(out / ANSWERS)  # re-read: the records were appended by another writer
     order = {n: i for i, n in enumerate(checkpoints(pl))}
     rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],
@@ -675,8 +712,12 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
             continue
         judge = make_judge(f"pm:{pl.p('pm')}" if spec == "pm" else spec,
                            constitution=c.constitution, seed=c.seed, device=c.device)
-        elos[target] = run_elo(out / "answers.jsonl", judge, out / target,
-                               bootstrap=e.bootstrap, seed=c.seed, anchor="initial")
+        try:
+            elos[target] = run_elo(out / "answers.jsonl", judge, out / target,
+                                   bootstrap=e.bootstrap, seed=c.seed, anchor="initial")
+        finally:
+            if isinstance(getattr(judge, "lm", None), LanguageModel):
+                judge.lm.close()  # a feedback model's (vLLM) engine ends here
         del judge  # one judge in memory at a time
     evasive = run_evasiveness(str(out / "answers.jsonl"), str(out / "evasiveness.json"))
     curve = run_revision_curve(pl.p("sl/revise.traces.jsonl"), load_pm(pl.p("pm")),

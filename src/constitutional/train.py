@@ -23,11 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+from pydantic import model_validator
+
+from constitutional.core.errors import UserError
 from constitutional.core.settings import Field, Settings
 
 log = logging.getLogger("constitutional.train")
@@ -44,8 +48,216 @@ EvalFraction = Annotated[float, Field(ge=0, lt=1, description="Share of the data
                                                               "evaluation (0: none).")]
 
 
-class TrainSettings(Settings):
+#: The model settings added after runs were made: left out of a stage's fingerprint and of its
+#: resume check while at their defaults, so those runs keep both.
+MODEL_SETTINGS = ("model_revision", "dtype", "attn_implementation", "trust_remote_code",
+                  "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                  "gradient_checkpointing", "bf16", "lora_dropout", "lora_target_modules")
+
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                             "flex_attention"]
+LoraAlpha = Annotated[int | None, Field(ge=1, description="LoRA alpha (default: 2 × the rank).")]
+GradientCheckpointing = Annotated[bool, Field(
+    description="Recompute activations in the backward pass: less memory, slower (on by "
+                "default in SFT, PM and DPO, as TRL's trainers have it; off in PPO and GRPO).")]
+
+
+class ModelSettings(Settings):
+    """How a training stage loads and trains its model, under the names of TRL's
+    ``ModelConfig`` (``model_revision``, ``dtype``, ``attn_implementation``,
+    ``trust_remote_code``, ``load_in_4bit`` …) and ``TrainingArguments``
+    (``gradient_checkpointing``, ``bf16``). Every stage that trains a model has them: SFT
+    (``sl_train:``), the PM (``pm:``), DPO (``dpo:``), GRPO/RLOO (``grpo:``) and PPO (``rl:``;
+    its policy, reference and value model)."""
+
+    model_revision: str | None = Field(
+        None, description="The revision (branch, tag or commit) of a hub model (default: main; "
+                          "a local directory has none).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="The dtype the weights are loaded and trained in (auto: the "
+                               "checkpoint's). Mixed precision is --bf16.",
+        json_schema_extra={"cli": ["--dtype", "--torch-dtype"]})
+    attn_implementation: AttnImplementation | None = Field(
+        None, description="The attention kernel: eager, sdpa, flash_attention_2 … (default: "
+                          "transformers' choice).")
+    trust_remote_code: bool = Field(False, description="Run the Python code of the model's "
+                                                       "repository (only for code you trust).")
+    load_in_4bit: bool = Field(False, description="QLoRA: the base weights in 4 bits "
+                                                  "(bitsandbytes, CUDA; needs lora).")
+    load_in_8bit: bool = Field(False, description="The base weights in 8 bits (bitsandbytes, "
+                                                  "CUDA; needs lora).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="The 4-bit type.")
+    use_bnb_nested_quant: bool = Field(False, description="Quantize the 4-bit constants too "
+                                                          "(double quantization).")
+    gradient_checkpointing: GradientCheckpointing = False
+    bf16: bool | None = Field(None, description="bf16 mixed-precision training (default: on "
+                                                "GPUs that support it; PPO: off).")
+
+    omit_default = MODEL_SETTINGS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _torch_dtype(cls, data: Any) -> Any:
+        """``torch_dtype``, TRL's and transformers' earlier name, is ``dtype``."""
+        if isinstance(data, dict) and "torch_dtype" in data:
+            data = dict(data)
+            value = data.pop("torch_dtype")
+            data.setdefault("dtype", value)
+        return data
+
+    @model_validator(mode="after")
+    def _check_model(self) -> ModelSettings:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UserError("load_in_4bit and load_in_8bit exclude each other",
+                            field="load_in_8bit")
+        bits = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+        if (self.load_in_4bit or self.load_in_8bit) and not getattr(self, "lora", False):
+            raise UserError(f"{bits} trains LoRA adapters on quantized weights (QLoRA): set "
+                            "lora: true" if "lora" in type(self).model_fields else
+                            f"{bits}: this stage trains all of its weights, which cannot be "
+                            "quantized", field=bits)
+        return self
+
+    # -- what the loaders and the trainers get -------------------------------------------------
+
+    def quantization_config(self) -> Any:
+        """bitsandbytes' config (as TRL's ``get_quantization_config``), or None; without
+        bitsandbytes or a CUDA GPU, one line, exit 2."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return None
+        import importlib.util
+
+        import torch
+
+        bits = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"{bits} needs bitsandbytes (pip install bitsandbytes)", field=bits)
+        if not torch.cuda.is_available():
+            raise UserError(f"{bits} needs a CUDA GPU (bitsandbytes)", field=bits)
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        compute = torch.float32 if self.dtype == "auto" else getattr(torch, self.dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute,
+                                  bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=self.use_bnb_nested_quant)
+
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        """``AutoTokenizer.from_pretrained``'s keyword arguments."""
+        return {"trust_remote_code": self.trust_remote_code,
+                **({"revision": self.model_revision} if self.model_revision else {})}
+
+    def load_kwargs(self, *, quantize: bool = True) -> dict[str, Any]:
+        """``from_pretrained``'s keyword arguments, as TRL's scripts build them from a
+        ``ModelConfig``: revision, dtype, attention, remote code, and (unless not ``quantize``:
+        a model trained whole) quantization, placed by ``device_map``, one GPU per process."""
+        import torch
+
+        if self.attn_implementation and self.attn_implementation.startswith("flash_attention"):
+            import importlib.util
+
+            package = "flash_attn" if self.attn_implementation == "flash_attention_2" \
+                else "flash_attn_interface"
+            if importlib.util.find_spec(package) is None:
+                raise UserError(f"attn_implementation {self.attn_implementation} needs the "
+                                f"{package} package (and a CUDA GPU); use sdpa or eager",
+                                field="attn_implementation")
+        kwargs: dict[str, Any] = {
+            **self.tokenizer_kwargs(),
+            "dtype": "auto" if self.dtype == "auto" else getattr(torch, self.dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        quantization = self.quantization_config() if quantize else None
+        if quantization is not None:
+            from accelerate import PartialState
+
+            kwargs["quantization_config"] = quantization
+            kwargs["device_map"] = {"": PartialState().local_process_index}
+        return kwargs
+
+    def mixed_precision(self) -> bool:
+        """``bf16`` resolved: unset, on a GPU that supports it."""
+        if self.bf16 is not None:
+            return self.bf16
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+    def prepare_for_training(self, model: Any) -> Any:
+        """A loaded model made ready to train: quantized weights prepared for LoRA (PEFT's
+        ``prepare_model_for_kbit_training``), gradient checkpointing on when asked (the loops
+        that are not a Trainer's call this; TRL's trainers do it from their arguments)."""
+        if self.load_in_4bit or self.load_in_8bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.gradient_checkpointing:
+            checkpoint_activations(model)
+        return model
+
+
+def checkpoint_activations(model: Any) -> None:
+    """Gradient (activation) checkpointing on ``model``, non-reentrant, under transformers'
+    name of the day (``activation_checkpointing_enable`` since v5.2x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpoint_args(args_class: type, on: bool) -> dict[str, Any]:
+    """The arguments that turn gradient checkpointing on or off in ``args_class``, under its
+    name (``activation_checkpointing`` in newer transformers, ``gradient_checkpointing``
+    before)."""
+    fields = getattr(args_class, "__dataclass_fields__", {})
+    name = ("activation_checkpointing" if "activation_checkpointing" in fields
+            else "gradient_checkpointing")
+    return {name: on, **({f"{name}_kwargs": {"use_reentrant": False}} if on else {})}
+
+
+class LoraSettings(Settings):
+    """LoRA adapters (PEFT), merged into a plain model directory at the end; TRL's names."""
+
+    lora: bool = Field(False, description="Train LoRA adapters (merged at the end).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: LoraAlpha = None
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="The modules that get adapters: all-linear (every linear "
+                                  "layer but the output head) or a list of module names "
+                                  "(q_proj,v_proj …).",
+        json_schema_extra={"cli_type": str})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_modules(cls, data: Any) -> Any:
+        """``--lora-target-modules q_proj,v_proj`` (the CLI's one string) is a list."""
+        if isinstance(data, dict) and isinstance(data.get("lora_target_modules"), str) \
+                and data["lora_target_modules"] != "all-linear":
+            data = dict(data)
+            data["lora_target_modules"] = [m.strip() for m in
+                                           data["lora_target_modules"].split(",") if m.strip()]
+        return data
+
+    def peft_config(self, task_type: str = "CAUSAL_LM") -> Any:
+        """PEFT's LoRA config (as TRL's ``get_peft_config``), or None without ``lora``."""
+        if not self.lora:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r,
+                          lora_dropout=self.lora_dropout, target_modules=self.lora_target_modules,
+                          task_type=task_type, bias="none")
+
+
+class TrainSettings(ModelSettings):
     """The settings every TRL training stage has (SFT, preference model, DPO)."""
+
+    gradient_checkpointing: GradientCheckpointing = True  # TRL's default for these trainers
 
     epochs: Epochs = 1.0
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (cosine "
@@ -58,22 +270,8 @@ class TrainSettings(Settings):
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
 
 
-class LoraTrainSettings(TrainSettings):
+class LoraTrainSettings(TrainSettings, LoraSettings):
     """:class:`TrainSettings` and LoRA, for the stages that train a causal language model."""
-
-    lora: bool = Field(False, description="Train LoRA adapters (merged at the end).")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default: 2 × the "
-                                                           "rank).")
-
-    def peft_config(self) -> Any:
-        """PEFT's LoRA config on every linear layer, or None without ``lora``."""
-        if not self.lora:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r,
-                          lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 class TrainRun(Settings):
@@ -81,6 +279,10 @@ class TrainRun(Settings):
 
     seed: int = Field(0, description="Seed (model init, data order, sampling).")
     resume: bool = Field(False, description="Continue from the newest checkpoint.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: a GPU when "
+                                                 "there is one, else the CPU).")
+
+    omit_unset = ("device",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,8 +300,8 @@ class TrainJob:
     learning_rate: float
     # tokenizer → (train dataset, held-out dataset or None)
     datasets: Callable[[Any], tuple[Any, Any]]
-    # (path, tokenizer) → model; loaded after the arguments
-    load_model: Callable[[str, Any], Any]
+    # (path, tokenizer, from_pretrained's keyword arguments) → model; loaded after the arguments
+    load_model: Callable[[str, Any, dict[str, Any]], Any]
     args: dict[str, Any] = field(default_factory=dict)  # the stage's own arguments
     evaluate: str = "epoch"  # the eval strategy; "no" when there is no held-out set
     # tokenizer → further trainer arguments (a data collator)
@@ -119,15 +321,20 @@ def run_trainer(config: Any, job: TrainJob) -> dict[str, Any]:
 
     path = trainable_model_path(job.model)
     checkpoints = job.out / "checkpoints"
-    args = job.args_class(**job.args, **trainer_args(
+    device = getattr(config, "device", None)
+    load_kwargs = config.load_kwargs()  # a wrong model setting stops the stage before training
+    args = make_args(job.args_class, device, **job.args, **trainer_args(
         output_dir=str(checkpoints), epochs=config.epochs, learning_rate=job.learning_rate,
         batch_size=config.batch_size, grad_accum=config.grad_accum,
         logging_steps=config.logging_steps, save_steps=config.save_steps, seed=config.seed,
-        evaluate=job.evaluate))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        evaluate=job.evaluate, device=device, bf16=config.mixed_precision(),
+        gradient_checkpointing=config.gradient_checkpointing, args_class=job.args_class))
+    tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer", **config.tokenizer_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = job.load_model(path, tokenizer)
+    model = job.load_model(path, tokenizer, load_kwargs)
+    if config.load_in_4bit or config.load_in_8bit:
+        model = config.prepare_for_training(model)
     train_ds, eval_ds = job.datasets(tokenizer)
     lora = config.peft_config() if isinstance(config, LoraTrainSettings) else None
     trainer = job.trainer_class(model=model, args=args, train_dataset=train_ds,
@@ -167,13 +374,15 @@ def save_model(trainer: Any, tokenizer: Any, out: Path, *, merge_lora: bool = Fa
     trainer.accelerator.wait_for_everyone()
 
 
-def causal_lm(path: str, tokenizer: Any) -> Any:
-    """A :attr:`TrainJob.load_model` for causal language models, in float32 (bf16 autocast on
-    GPUs comes from the training arguments)."""
+def causal_lm(path: str, tokenizer: Any, kwargs: dict[str, Any] | None = None) -> Any:
+    """A :attr:`TrainJob.load_model` for causal language models: ``from_pretrained`` with
+    ``kwargs`` (:meth:`ModelSettings.load_kwargs`; by default float32, bf16 autocast on GPUs
+    coming from the training arguments)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return load_pretrained(AutoModelForCausalLM, path, "model",
+                           **(kwargs if kwargs is not None else {"dtype": torch.float32}))
 
 
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +423,13 @@ def log_callback() -> Any:
 
 def trainer_args(*, output_dir: str, epochs: float, learning_rate: float, batch_size: int,
                  grad_accum: int, logging_steps: int, save_steps: int, seed: int,
-                 evaluate: str) -> dict[str, Any]:
+                 evaluate: str, device: str | None = None, bf16: bool | None = None,
+                 gradient_checkpointing: bool = False, args_class: type | None = None,
+                 ) -> dict[str, Any]:
     """The TrainingArguments our three TRL trainers (SFT, reward, DPO) share: cosine schedule
-    with 5% warm-up, two kept checkpoints, no reporting or progress bars, bf16 on GPUs that have
-    it, and the CPU when there is no GPU.
+    with 5% warm-up, two kept checkpoints, no reporting or progress bars, bf16 as ``bf16`` says
+    (unset: on GPUs that have it), gradient checkpointing when asked, and the CPU when there is
+    no GPU or ``device`` is cpu.
 
     The held-out set is evaluated once before training with ``eval_on_start`` (see
     :func:`eval_before`), inside ``train()``, never by a ``trainer.evaluate()`` call beforehand:
@@ -234,9 +446,84 @@ def trainer_args(*, output_dir: str, epochs: float, learning_rate: float, batch_
         "eval_strategy": evaluate, "eval_on_start": evaluate != "no",
         "report_to": "none", "seed": seed, "data_seed": seed, "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05, "dataloader_num_workers": 0, "disable_tqdm": True,
-        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        "use_cpu": not torch.cuda.is_available(),
+        "bf16": (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16 is None
+        else bf16,
+        "use_cpu": not torch.cuda.is_available() or device == "cpu",
+        **checkpoint_args(args_class, gradient_checkpointing),
     }
+
+
+def training_device(device: str | None) -> str | None:
+    """``device`` checked for training: None or auto (a GPU when there is one, else the CPU),
+    cpu, cuda or cuda:N; one this machine lacks is one line, exit 2."""
+    if device in (None, "", "auto"):
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N",
+                        field="device") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device}: no CUDA GPU is visible here (use cpu, or leave "
+                            "device unset)", field="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: there are {torch.cuda.device_count()} CUDA "
+                            "GPU(s) here", field="device")
+        if dev.index is not None and _world_size() > 1:
+            raise UserError(f"device {device}: under accelerate launch each process takes its "
+                            "own GPU; set device: cuda (or leave it unset)", field="device")
+        return str(dev)
+    raise UserError(f"device {device}: training runs on cpu, cuda or cuda:N", field="device")
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def on_device(device: str | None) -> Iterator[str | None]:
+    """Within this block, accelerate's process state (made by TRL's arguments or an
+    ``Accelerator``) takes ``device`` (checked by :func:`training_device`, and yielded):
+    ``cuda:N`` becomes the current CUDA device and accelerate's ``ACCELERATE_TORCH_DEVICE``."""
+    import os
+
+    import torch
+
+    device = training_device(device)
+    if device is None or device == "cpu" or ":" not in device:
+        yield device
+        return
+    before = os.environ.get("ACCELERATE_TORCH_DEVICE")
+    os.environ["ACCELERATE_TORCH_DEVICE"] = device
+    try:
+        torch.cuda.set_device(torch.device(device))
+        yield device
+    finally:
+        if before is None:
+            os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
+        else:
+            os.environ["ACCELERATE_TORCH_DEVICE"] = before
+
+
+def make_args(args_class: type, device: str | None, **kwargs: Any) -> Any:
+    """``args_class(**kwargs)`` (TRL's TrainingArguments) on ``device`` (see :func:`on_device`);
+    with ``cuda:N`` the arguments take that GPU alone (else they take cuda:0, and every GPU
+    through DataParallel)."""
+    import torch
+
+    with on_device(device) as dev:
+        args = args_class(**kwargs)
+        if dev is not None and ":" in dev:
+            args.__dict__["_setup_devices"] = torch.device(dev)  # a cached_property
+            args._n_gpu = 1
+    return args
 
 
 def eval_before(trainer: Any) -> dict[str, Any]:
@@ -270,8 +557,6 @@ def load_pretrained(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
     missing or unreadable directory, a broken config, truncated weights) is one line, exit 2."""
     from safetensors import SafetensorError
 
-    from constitutional.core.errors import UserError
-
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
@@ -302,10 +587,12 @@ def check_settings_unchanged(file: Path, now: dict[str, Any],
                         "settings to resume", file=file, field=k)
 
 
-def process_state() -> Any:
+def process_state(device: str | None = None) -> Any:
     """accelerate's process state: one process, or this one of ``accelerate launch``'s. On a
-    machine without CUDA the processes use CPU and gloo (as the Trainer's ``use_cpu`` does)."""
+    machine without CUDA, or with ``device`` cpu, the processes use CPU and gloo (as the
+    Trainer's ``use_cpu`` does). A device this machine lacks is one line, exit 2."""
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    device = training_device(device)
+    return PartialState(cpu=not torch.cuda.is_available() or device == "cpu")

@@ -14,13 +14,27 @@ from rich.logging import RichHandler
 err_console = Console(stderr=True)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A plain handler on whatever ``sys.stderr`` is when a record is written, not the stream of
+    the moment it was made: a program (or a test) that swaps stderr and closes the old one would
+    otherwise get "--- Logging error --- … I/O operation on closed file" from library logs."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     # on a terminal, rich; in a pipe or a log file, one plain line per record (rich would wrap
     # a long warning over several lines at 80 columns)
     handler: logging.Handler = (
         RichHandler(console=err_console, show_path=False, show_time=False)
-        if err_console.is_terminal else logging.StreamHandler(sys.stderr))
+        if err_console.is_terminal else _StderrHandler())
     if not err_console.is_terminal:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)

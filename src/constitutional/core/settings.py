@@ -94,6 +94,9 @@ class Settings(BaseModel):
     #: fields added after runs were made: left out of :meth:`settings_dump` while unset (None),
     #: so that those runs keep their record ids and stage fingerprints
     omit_unset: ClassVar[tuple[str, ...]] = ()
+    #: the same for fields added with a default other than None: left out of
+    #: :meth:`settings_dump` and :meth:`to_dict` while at their default
+    omit_default: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *args: Any, **data: Any) -> None:
         if len(args) > len(self.positional):
@@ -124,15 +127,24 @@ class Settings(BaseModel):
 
     def settings_dump(self) -> dict[str, Any]:
         """``model_dump()`` without the :attr:`omit_unset` fields that are None."""
-        d = self.model_dump()
+        d = self._without_defaults(self.model_dump())
         for name in self.omit_unset:
             if d.get(name) is None:
                 d.pop(name, None)
         return d
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values (tuples as lists), for JSON and YAML."""
-        return self.model_dump(mode="json")
+        """Plain values (tuples as lists), for JSON and YAML; without the :attr:`omit_default`
+        fields at their default (so a resumed run's settings compare equal to an older run's)."""
+        return self._without_defaults(self.model_dump(mode="json"))
+
+    def _without_defaults(self, d: dict[str, Any]) -> dict[str, Any]:
+        for name in self.omit_default:
+            info = type(self).model_fields.get(name)
+            if info is not None and getattr(self, name) == info.get_default(
+                    call_default_factory=True):
+                d.pop(name, None)
+        return d
 
     def replace(self, **changes: Any) -> Any:
         """A validated copy with ``changes`` applied."""

@@ -110,7 +110,10 @@ def parse_spec(spec: str) -> ModelSpec:
 
 
 def load_model(spec: str, **options: Any) -> LanguageModel:
-    """Load a backend for ``spec``. Options go to the backend (device, dtype, timeout, …)."""
+    """Load a backend for ``spec``. Options go to the backend (device, dtype, timeout, …; for
+    ``vllm:`` the engine arguments, :class:`~constitutional.models.vllm.VLLMSettings`). The
+    model is a context manager: ``with load_model(spec) as lm:`` closes it (a vLLM engine
+    shuts down with its last model)."""
     parsed = parse_spec(spec)
     if parsed.backend == "openai":
         from constitutional.models.openai import OpenAIModel

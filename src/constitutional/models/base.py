@@ -20,7 +20,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Self, TypeAlias
 
 from constitutional.core.errors import UserError
 from constitutional.core.messages import ROLES, Conversation, is_message
@@ -117,7 +117,14 @@ class LanguageModel(ABC):
         """
 
     def close(self) -> None:
-        """Release resources (servers, pools)."""
+        """Release resources (servers, pools, a vLLM engine and its memory). Idempotent; the
+        model is not used after it."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"

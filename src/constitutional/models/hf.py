@@ -283,6 +283,15 @@ class HFModel(TokenizerPrompts, LanguageModel):
         values. Needed after updates that version counters do not see (fused optimizers)."""
         setattr(self.model, cascade.SYNC_ATTR, getattr(self.model, cascade.SYNC_ATTR, 0) + 1)
 
+    def prepare_generation(self) -> torch.dtype:
+        """Decide now, on the present weights, how generation computes, and return the dtype it
+        computes in: the low-precision copy is built and the fast engine's self-check runs on it
+        (which, in bfloat16, can pass on some weights and fail on others). A trainer calls this
+        once, before it loads a checkpoint, so that a resumed run samples as the uninterrupted
+        run did; later weight changes (:meth:`sync_weights`) refresh the copy, never the choice."""
+        self._generator()
+        return self.generate_dtype
+
     def _generator(self) -> HFModel:
         """The model that generates: this one, or a copy of it in ``generate_dtype`` (only its
         parameters cast; buffers such as the rotary frequencies keep their dtype), refreshed

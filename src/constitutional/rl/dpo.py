@@ -113,6 +113,7 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     from constitutional.train import TrainJob, causal_lm, process_state, run_trainer, write_report
 
     t0 = time.perf_counter()
+    config.load_kwargs()  # a model setting this machine cannot honour stops here, at once
     rows, smoothing = dpo_rows(config)
     train = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "train"]
     held = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "test"]
@@ -140,6 +141,6 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     metrics = {"label_smoothing": round(smoothing, 4), "pairs": len(rows),
                "train_pairs": len(train), "eval_pairs": len(held), **trained,
                "wall_seconds": round(time.perf_counter() - t0, 2)}
-    if process_state().is_main_process:
+    if process_state(config.device).is_main_process:
         write_report(out / "dpo.json", config, metrics)
     return DPOResult(out, metrics)

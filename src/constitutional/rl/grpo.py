@@ -41,10 +41,16 @@ from pydantic import BeforeValidator, model_validator
 
 from constitutional.core.errors import UserError
 from constitutional.core.messages import Message
-from constitutional.core.settings import Field, Settings
+from constitutional.core.settings import Field
 from constitutional.models import BUILTIN_MODEL
 from constitutional.rl.rewards import JudgeForm, parse_rewards
-from constitutional.train import TrainRun, check_settings_unchanged
+from constitutional.train import (
+    LoraAlpha,
+    LoraSettings,
+    ModelSettings,
+    TrainRun,
+    check_settings_unchanged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,9 @@ RewardSetting = Annotated[
           json_schema_extra={"cli_type": str})]
 
 
-class GRPOSettings(Settings):
-    """``grpo:``: the settings of GRPO and RLOO (TRL's trainers), one step = one rollout."""
+class GRPOSettings(ModelSettings, LoraSettings):
+    """``grpo:``: the settings of GRPO and RLOO (TRL's trainers), one step = one rollout; the
+    model's (:class:`~constitutional.train.ModelSettings`) and LoRA's."""
 
     steps: int = Field(20, ge=1, description="Steps (rollouts).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per step (over all processes).")
@@ -82,9 +89,7 @@ class GRPOSettings(Settings):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     helpful_ratio: float = Field(0.5, ge=0, lt=1, description="Share of helpful prompts.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
-    lora: bool = Field(False, description="Train LoRA adapters (merged at the end).")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_alpha: LoraAlpha = 32
     save_steps: int = Field(10, ge=1, description="Checkpoint every N steps.")
     generation: Literal["auto", "cai", "trl"] = Field(
         "auto", description="Who samples the answers: auto (TRL's vLLM path when vLLM is "
@@ -100,14 +105,6 @@ class GRPOSettings(Settings):
         "auto", description="The dtype cai's engine samples in (auto: bfloat16 on CPUs that "
                             "compute in it natively, else the policy's); the log-probabilities "
                             "learnt from are always the policy's own.")
-
-    def peft_config(self) -> Any:
-        if not self.lora:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 class GRPOConfig(TrainRun, GRPOSettings):
@@ -125,8 +122,12 @@ class GRPOConfig(TrainRun, GRPOSettings):
     prompts: str = Field(description="Red-team prompts (spec).")
     helpful: str | None = Field(None, description="Helpful prompts mixed in (spec).")
     limit: int | None = Field(None, ge=1, description="Prompts per source at most.")
+    helpful_limit: int | None = Field(None, ge=1, description="Helpful prompts at most "
+                                                              "(default: --limit).")
     out: str = Field(description="Run directory (the trained policy, log, checkpoints).")
     resume: bool = Field(True, description="Continue from the newest checkpoint.")
+
+    omit_unset = ("device", "helpful_limit")
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
@@ -201,18 +202,30 @@ def _with_our_engine(Trainer: type, config: GRPOConfig, path: str) -> type:
             self._cai_prompts = list(prompts)
             return super()._generate(prompts, *args, **kwargs)
 
-        def _cai_generate(self, prompt_ids: list[list[int]]) -> list[list[int]] | None:
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            # how rollouts compute is decided on the starting weights, before a checkpoint is
+            # loaded: the bf16 engine's self-check can pass on some weights and fail on others,
+            # and a resumed run must sample as the uninterrupted one did
+            self._cai_engine_for(self.accelerator.unwrap_model(self.model)).prepare_generation()
+            return super().train(*args, **kwargs)
+
+        def _cai_engine_for(self, model: Any) -> Any:
             from constitutional.models.hf import HFModel
 
-            model = self.accelerator.unwrap_model(self.model)
-            was_training = model.training  # before the engine is made: it sets eval mode
             if self._cai_engine is None or self._cai_engine.model is not model:
+                was_training = model.training  # the engine sets eval mode
                 self._cai_engine = HFModel(path, spec=config.policy, model=model,
                                            tokenizer=self.processing_class,
                                            device=str(self.accelerator.device),
                                            generate_dtype=rollout_dtype(
                                                config.rollout_dtype, self.accelerator.device))
-            engine, prompts = self._cai_engine, self._cai_prompts
+                model.train(was_training)
+            return self._cai_engine
+
+        def _cai_generate(self, prompt_ids: list[list[int]]) -> list[list[int]] | None:
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            engine, prompts = self._cai_engine_for(model), self._cai_prompts
             if self._cai_synced != self.state.global_step:  # the optimizer moved the weights
                 engine.sync_weights()  # (TRL's fused AdamW leaves version counters unchanged)
                 self._cai_synced = self.state.global_step
@@ -257,13 +270,15 @@ def trl_args(config: GRPOConfig, num_processes: int, reward_weights: list[float]
         raise UserError(f"{config.prompts_per_step} prompts × {config.group_size} answers per "
                         f"step do not split over {num_processes} processes",
                         field="prompts_per_step")
+    from constitutional.train import checkpoint_args, make_args
+
     gpu = torch.cuda.is_available()
     vllm = generator(config) == "vllm"
-    no_ckpt = ("activation_checkpointing" if "activation_checkpointing"
-               in Args.__dataclass_fields__ else "gradient_checkpointing")
-    return Args(
-        output_dir=str(Path(config.out) / "checkpoints"), use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(), **{no_ckpt: False},
+    return make_args(
+        Args, config.device,
+        output_dir=str(Path(config.out) / "checkpoints"),
+        use_cpu=not gpu or config.device == "cpu", bf16=config.mixed_precision(),
+        **checkpoint_args(Args, config.gradient_checkpointing),
         per_device_train_batch_size=answers // num_processes, gradient_accumulation_steps=1,
         steps_per_generation=1, num_iterations=config.iterations,
         num_generations=config.group_size, max_completion_length=config.max_new_tokens,
@@ -319,7 +334,7 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
 
     t0 = time.perf_counter()
     out = Path(config.out)
-    state = process_state()
+    state = process_state(config.device)
     checkpoints = out / "checkpoints"
     settings_file = out / f"{config.algo}.config.json"
     resume = config.resume and any(checkpoints.glob("checkpoint-*"))
@@ -362,10 +377,13 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
     names = list(config.reward)
     shown = [n if n in ("pm", "judge") else getattr(f, "__name__", type(f).__name__)
              for n, f in zip(names, rewards, strict=True)]
-    tokenizer = load_pretrained(AutoTokenizer, path, "policy's tokenizer")
+    tokenizer = load_pretrained(AutoTokenizer, path, "policy's tokenizer",
+                                **config.tokenizer_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = causal_lm(path, tokenizer)
+    model = causal_lm(path, tokenizer, config.load_kwargs())
+    if config.load_in_4bit or config.load_in_8bit:
+        model = config.prepare_for_training(model)
     rows: list[dict[str, Any]] = []
 
     class StepLog(TrainerCallback):

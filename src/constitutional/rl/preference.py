@@ -547,6 +547,7 @@ def pm_train(config: PMConfig) -> PMResult:
     from constitutional.train import process_state, write_report
 
     t0 = time.perf_counter()
+    config.load_kwargs()  # a model setting this machine cannot honour stops here, at once
     ai = load_comparisons(config.labels, source="ai")
     human = (load_comparisons(config.human_prefs, source="human", hard=True)
              if config.human_prefs else [])
@@ -566,7 +567,8 @@ def pm_train(config: PMConfig) -> PMResult:
              sum(r.source == "human" for r in train_rows), len(eval_rows))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    main = process_state().is_main_process  # under `accelerate launch`, only it writes files
+    # under `accelerate launch`, only the main process writes files
+    main = process_state(config.device).is_main_process
     if main:
         atomic_write_jsonl(out / "pm.heldout.jsonl", [r.to_row() for r in eval_rows])
     metrics = _train(config, train_rows, eval_rows)
@@ -586,13 +588,15 @@ def _train(config: PMConfig, train_rows: list[Comparison], eval_rows: list[Compa
 
     from constitutional.train import TrainJob, run_trainer
 
-    def load_model(path: str, tokenizer: Any) -> Any:
+    def load_model(path: str, tokenizer: Any, kwargs: dict[str, Any]) -> Any:
         import torch
         from transformers import AutoModelForSequenceClassification
 
+        from constitutional.train import load_pretrained
+
         torch.manual_seed(config.seed)  # the new scalar head's init: the same on every launch
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                   dtype=torch.float32)
+        model = load_pretrained(AutoModelForSequenceClassification, path, "model",
+                                num_labels=1, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
 

@@ -62,6 +62,10 @@ class SLTrainConfig(TrainRun, SLTrainSettings):
                                                   "e.g. builtin:helpful.")
     helpful_model: str | None = Field(None, description="Who answers the helpful prompts "
                                                         "(default: --model).")
+    helpful_limit: int | None = Field(None, ge=1, description="Helpful prompts at most (a "
+                                                              "run's helpful_limit).")
+
+    omit_unset = ("device", "helpful_limit")
 
     @property
     def out_dir(self) -> Path:
@@ -124,7 +128,7 @@ def helpful_samples(config: SLTrainConfig, n: int, run: RunDir) -> list[dict[str
     todo = [p for p in prompts if ids[p.id] not in store]
     if todo:
         log.info("answering %d helpful prompts with %s", len(todo), spec)
-        lm = load_model(spec)
+        lm = load_model(spec, **({"device": config.device} if config.device else {}))
         for start in range(0, len(todo), 64):
             chunk = todo[start : start + 64]
             answers = lm.generate([p.messages for p in chunk], params)
@@ -139,12 +143,15 @@ def sl_train(config: SLTrainConfig) -> SLTrainResult:
     from constitutional.train import process_state, write_report
 
     t0 = time.perf_counter()
+    config.load_kwargs()  # a model setting this machine cannot honour stops here, at once
     revisions = load_sft_rows(config.data)
     data_dir = Path(config.data) if Path(config.data).is_dir() else Path(config.data).parent
     run = RunDir(data_dir)
     r = config.helpful_ratio
     n_helpful = round(len(revisions) * r / (1 - r)) if config.helpful else 0
-    state = process_state()
+    if config.helpful_limit is not None:
+        n_helpful = min(n_helpful, config.helpful_limit)
+    state = process_state(config.device)
     with state.main_process_first():  # main generates; the others read what it wrote
         helpful = helpful_samples(config, n_helpful, run)
     rows = [dict(row, kind="revision") for row in revisions] + [

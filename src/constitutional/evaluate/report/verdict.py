@@ -113,8 +113,10 @@ def _points(x: Any) -> str:
     return f"{100 * x:+.1f} points" if isinstance(x, float | int) else "?"
 
 
-def _xstest(run: RunDir, warnings: list[str]) -> StageVerdict | None:
-    """XSTest, the measure people validated: the final checkpoint against the initial one."""
+def _xstest(run: RunDir, warnings: list[str], policy: str | None = None,
+            ) -> StageVerdict | None:
+    """XSTest, the measure people validated: the final checkpoint (or ``policy``) against the
+    initial one."""
     if not run.exists("eval/xstest.json"):
         return None
     data = run.json("eval/xstest.json")
@@ -123,7 +125,7 @@ def _xstest(run: RunDir, warnings: list[str]) -> StageVerdict | None:
     name = "XSTest (people-validated)"
     if not comparisons:
         return StageVerdict(name, "not measured (one checkpoint)", NONE)
-    final = list(comparisons)[-1]
+    final = policy if policy in comparisons else list(comparisons)[-1]
     c = comparisons[final]
     initial = c.get("against", "initial")
     margin = num(c.get("margin")) or 0.05
@@ -327,13 +329,16 @@ def _judge_caveat(run: RunDir, judge: Any, final: str) -> tuple[str, str] | None
     return f"{note}: not an independent judge", warning
 
 
-def _elo_figure(kind: str, result: dict[str, Any]) -> tuple[Figure, str, str] | None:
+def _elo_figure(kind: str, result: dict[str, Any], policy: str | None = None,
+                ) -> tuple[Figure, str, str] | None:
     elo = result.get("elo")
     names = [n for n in (result.get("checkpoints") or list(elo or {})) if n in (elo or {})]
     if len(names) < 2:
         return None
     initial = "initial" if "initial" in names else names[0]
     final = names[-1] if names[-1] != initial else names[-2]
+    if policy in names and policy != initial:
+        final = policy
     diff = (num(elo[final].get("elo")) or 0.0) - (num(elo[initial].get("elo")) or 0.0)
     lo, hi = num(elo[final].get("ci_low")), num(elo[final].get("ci_high"))
     interval = (lo, hi) if result.get("anchor") == initial and None not in (lo, hi) else None
@@ -390,7 +395,7 @@ def _opinion(figure: Figure, final: str, initial: str, judge: str) -> None:
     figure.kind = NONE
 
 
-def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+def _elo(run: RunDir, warnings: list[str], policy: str | None = None) -> StageVerdict | None:
     """The Elo figures of ``eval/elo.json`` and, as a second opinion, ``eval/elo.second.json``
     (``eval.second_judge``); only the first judge's figures raise warnings, and only a judge
     calibrated on people's labels makes a finding (see the module docstring)."""
@@ -402,7 +407,7 @@ def _elo(run: RunDir, warnings: list[str]) -> StageVerdict | None:
         data = run.json(path) if run.exists(path) else None
         for kind in ("harmless", "helpful"):
             result = data.get(kind) if isinstance(data, dict) else None
-            found = _elo_figure(kind, result) if isinstance(result, dict) else None
+            found = _elo_figure(kind, result, policy) if isinstance(result, dict) else None
             if found is None:
                 continue
             figure, final, initial = found
@@ -450,7 +455,7 @@ def _judge_name(judge: Any) -> str:
     return str(judge.get("model") or judge.get("pm") or judge.get("type") or "unknown")
 
 
-def _evasiveness(run: RunDir) -> StageVerdict | None:
+def _evasiveness(run: RunDir, policy: str | None = None) -> StageVerdict | None:
     if not run.exists("eval/evasiveness.json"):
         return None
     data = run.json("eval/evasiveness.json")
@@ -461,6 +466,8 @@ def _evasiveness(run: RunDir) -> StageVerdict | None:
     names = list(rows)
     initial = "initial" if "initial" in rows else names[0]
     final = names[-1] if names[-1] != initial else names[-2]
+    if policy in rows and policy != initial:
+        final = policy
     ci = {n: (num(rows[n].get("ci_low")), num(rows[n].get("ci_high"))) for n in (initial, final)}
     figures = [Figure(f"refusal rate, {n}", rows[n]["rate"],
                       ci[n] if None not in ci[n] else None, "", NONE,
@@ -521,7 +528,8 @@ def _headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
         return headline, kind
     u, s = xstest.figures
     lead = (f"XSTest, the measure people validated: {xstest.verdict} (unsafe prompts refused "
-            f"{_points(u.value)}, safe prompts answered {_points(s.value)}, final against "
+            f"{_points(u.value)}, safe prompts answered {_points(s.value)}, "
+            f"{xstest.stage.split(': ')[1] if ': ' in xstest.stage else 'final'} against "
             f"initial).")
     return f"{lead} {headline}", xstest.kind
 
@@ -551,15 +559,43 @@ def _stages_headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]
     return "Not every stage could be judged; the figures measured so far are below.", NONE
 
 
+def _rl_policies(run: RunDir) -> list[str]:
+    """The RL policies the evaluation compared (``rl.algo: ppo,dpo`` … gives several: each is
+    judged), in pipeline order: the checkpoints after ``sl-cai``."""
+    for path, key in (("eval/evasiveness.json", "checkpoints"), ("eval/xstest.json",
+                                                                 "comparisons")):
+        data = run.json(path) if run.exists(path) else None
+        names = list((data.get(key) or {}) if isinstance(data, dict) else {})
+        if "sl-cai" in names:
+            return names[names.index("sl-cai") + 1:]
+    return []
+
+
 def build_verdict(run: RunDir) -> VerdictData:
     if not any(run.exists(f) for f in SECTION_FILES["verdict"]):
         raise NotRun("rl/label.summary.json")
     warnings: list[str] = []
-    stages = [_safely(name, build, *args) for name, build, args in (
-        ("XSTest (people-validated)", _xstest, (run, warnings)),
-        ("AI labels", _labels, (run, warnings)), ("Preference model", _pm, (run, warnings)),
-        ("Elo (AI judges)", _elo, (run, warnings)), ("Evasiveness", _evasiveness, (run,)),
-        ("PPO critic", _critic, (run, warnings)))]
+    try:
+        policies: list[str | None] = list(_rl_policies(run))
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by its own stage
+        policies = []
+    if len(policies) < 2:
+        policies = [None]  # one final checkpoint: the stages name it themselves
+
+    def each(name: str, build: Any, *args: Any) -> list[tuple[str, Any, tuple[Any, ...]]]:
+        return [(name if p is None else f"{name}: {p}", build, (*args, p)) for p in policies]
+
+    builds = (*each("XSTest (people-validated)", _xstest, run, warnings),
+              ("AI labels", _labels, (run, warnings)), ("Preference model", _pm, (run, warnings)),
+              *each("Elo (AI judges)", _elo, run, warnings),
+              *each("Evasiveness", _evasiveness, run),
+              ("PPO critic", _critic, (run, warnings)))
+    stages = []
+    for name, build, args in builds:
+        stage = _safely(name, build, *args)
+        if stage is not None and ": " in name:
+            stage.stage = name  # which of several policies this verdict judges
+        stages.append(stage)
     found = [s for s in stages if s is not None]
     headline, kind = _headline(run, found)
     return VerdictData(headline, kind, warnings, found)

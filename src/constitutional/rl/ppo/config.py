@@ -12,12 +12,15 @@ from typing import Literal
 from pydantic import model_validator
 
 from constitutional.core.errors import UserError
-from constitutional.core.settings import Field, Settings
+from constitutional.core.settings import Field
 from constitutional.models import BUILTIN_MODEL, SamplingParams
+from constitutional.train import LoraAlpha, LoraSettings, ModelSettings
 
 
-class PPOSettings(Settings):
-    """The tunable settings of PPO (``rl:`` in a run config)."""
+class PPOSettings(ModelSettings, LoraSettings):
+    """The tunable settings of PPO (``rl:`` in a run config), the model's
+    (:class:`~constitutional.train.ModelSettings`: the policy, the reference and the value model
+    load with them; quantization is the policy's alone) and LoRA's."""
 
     helpful_ratio: float = Field(0.5, ge=0, lt=1, description="Share of helpful prompts.")
     steps: int = Field(20, ge=1, description="PPO steps (rollout batches).")
@@ -59,10 +62,9 @@ class PPOSettings(Settings):
                             "are always the policy's own.")
     whiten_advantages: bool = Field(True, description="Whiten the advantages (zero mean, unit "
                                                       "variance over the rollout).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
-    lora: bool = Field(False, description="Train LoRA adapters (merged at the end).")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping, of the policy's "
+                                 "and the value model's gradients apart.")
+    lora_alpha: LoraAlpha = 32
     save_steps: int = Field(10, ge=1, description="Checkpoint every N steps.")
 
     @model_validator(mode="after")
@@ -86,10 +88,16 @@ class PPOConfig(PPOSettings):
     out: str = Field(description="Run directory (the trained policy, logs, checkpoints).")
     helpful: str | None = Field(None, description="Helpful prompts mixed in (spec).")
     limit: int | None = Field(None, ge=1, description="Prompts per source at most.")
+    helpful_limit: int | None = Field(None, ge=1, description="Helpful prompts at most "
+                                                              "(default: --limit).")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 … (default: a GPU when "
+                                                 "there is one, else the CPU).")
     value_model: str | None = Field(None, description="The value model's start (default: the "
                                                       "PM).")
     seed: int = Field(0, description="Seed.")
     resume: bool = Field(True, description="Continue from the newest checkpoint.")
+
+    omit_unset = ("device", "helpful_limit")
 
     def step_seed(self, step: int) -> int:
         """The seed of ``step``'s sampling and minibatch order."""

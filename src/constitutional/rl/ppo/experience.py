@@ -171,19 +171,72 @@ def pack(queries: Sequence[list[int]], responses: Sequence[list[int]], pad_id: i
     return ids.to(device), mask.to(device), positions.to(device), Q, rmask.to(device)
 
 
-def answer_logprobs(model, ids, mask, positions, Q: int, *, with_entropy: bool = False):
-    """Log-probabilities of the answer tokens (and the entropy of each answer position)."""
+#: Logits that exist at once in :func:`answer_logprobs` (64 MiB in float32): a chunk holds
+#: ``LOGPROB_CHUNK_LOGITS // vocabulary`` answer positions (110 with a 152k vocabulary).
+LOGPROB_CHUNK_LOGITS = 2**24
+
+
+def answer_logprobs(model, ids, mask, positions, Q: int, *, with_entropy: bool = False,
+                    chunk: int | None = None):
+    """Log-probabilities of the answer tokens (and the entropy of each answer position).
+
+    The model runs once for its last hidden states (``logits_to_keep=1``: no logits for the
+    answer); the LM head then maps ``chunk`` answer positions at a time to float32 logits, whose
+    log-sum-exp gives the sampled tokens' log-probabilities. Under autograd each chunk is
+    recomputed in the backward pass (activation checkpointing), so at no time do the logits of
+    more than ``chunk`` positions (default: :data:`LOGPROB_CHUNK_LOGITS` logits) exist: the full-vocabulary
+    [B, R, V] float32 tensors (logits, log-softmax, its exponent: ~10 GB each for 64 rows of
+    256 tokens with a 152k vocabulary) are never built."""
     import torch
 
     R = ids.shape[1] - Q
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=R + 1).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, ids[:, Q:, None]).squeeze(-1)
-    if not with_entropy:
-        return chosen, None
-    entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, Q - 1 : -1]  # the states that predict answer tokens
+    head = _unwrap(model).get_output_embeddings()
+    B = hidden.shape[0]
+    flat, targets = hidden.reshape(B * R, -1), ids[:, Q:].reshape(B * R)
+    chunk = chunk or max(1, LOGPROB_CHUNK_LOGITS // head.out_features)
+    chosen, entropy = [], []
+    for start in range(0, B * R, chunk):
+        h, t = flat[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            chosen.append(checkpoint(_chosen_logprobs, head, h, t, use_reentrant=False))
+            if with_entropy:
+                with torch.no_grad():
+                    entropy.append(_logprobs_and_entropy(head, h, t)[1])
+        else:
+            c, e = _logprobs_and_entropy(head, h, t) if with_entropy else (
+                _chosen_logprobs(head, h, t), None)
+            chosen.append(c)
+            entropy.append(e)
+    chosen_t = torch.cat(chosen).view(B, R)
+    return chosen_t, torch.cat(entropy).view(B, R) if with_entropy else None
+
+
+def _chosen_logprobs(head, h, targets):
+    """log p(target) for each row of hidden states ``h``: float32 logits − their log-sum-exp."""
+    logits = head(h).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _logprobs_and_entropy(head, h, targets):
+    """log p(target) and the entropy −Σ p log p = lse − Σ p·logit, with two vocabulary-wide
+    tensors alive at most (no autograd)."""
+    logits = head(h).float()
+    lse = logits.logsumexp(-1)
+    chosen = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    p = (logits - lse[:, None]).exp_()
+    return chosen, lse - p.mul_(logits).sum(-1)
+
+
+def _unwrap(model):
+    """The causal LM inside DDP / PEFT wrappers (whose LM head maps hidden states to logits)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    get_base = getattr(model, "get_base_model", None)  # peft
+    return get_base() if callable(get_base) else model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +253,8 @@ def load_training_prompts(config: PPOConfig) -> list[list[Message]]:
     helpful: list[list[Message]] = []
     if c.helpful and c.helpful_ratio > 0:
         want = round(len(red) * c.helpful_ratio / (1 - c.helpful_ratio))
-        helpful = [p.messages for p in load_prompts(c.helpful, limit=min(want, c.limit or want),
+        cap = c.helpful_limit or c.limit or want
+        helpful = [p.messages for p in load_prompts(c.helpful, limit=min(want, cap),
                                                     seed=c.seed, split="train")]
     return red + helpful
 

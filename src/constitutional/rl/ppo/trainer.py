@@ -96,27 +96,26 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 def _load_policy(config: PPOConfig, device: Any) -> tuple[str, Any, Any, Any]:
     """The policy's directory, its tokenizer, the policy (with LoRA adapters when ``lora``) and
     the frozen reference (None with LoRA: the policy with its adapters disabled)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from constitutional.train import load_pretrained, trainable_model_path
 
     policy_dir = trainable_model_path(config.policy)
-    tokenizer = load_pretrained(AutoTokenizer, policy_dir, "policy's tokenizer")
+    tokenizer = load_pretrained(AutoTokenizer, policy_dir, "policy's tokenizer",
+                                **config.tokenizer_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = load_pretrained(AutoModelForCausalLM, policy_dir, "policy", dtype=torch.float32)
+    policy = load_pretrained(AutoModelForCausalLM, policy_dir, "policy", **config.load_kwargs())
     _no_dropout(policy)
+    policy = config.prepare_for_training(policy)  # quantized weights, gradient checkpointing
     ref = None
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        policy = get_peft_model(policy, LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-            target_modules="all-linear", task_type="CAUSAL_LM"))
+        policy = get_peft_model(policy, config.peft_config())
     else:
         ref = load_pretrained(AutoModelForCausalLM, policy_dir, "reference policy",
-                              dtype=torch.float32)
+                              **config.load_kwargs())
         ref.requires_grad_(False).eval().to(device)
     return policy_dir, tokenizer, policy, ref
 
@@ -144,8 +143,12 @@ def _load_value(config: PPOConfig, policy: Any, dtype: str) -> Any:
     if value_spec is None:
         raise UserError("PPO needs a value model: give --pm (or value_model)", field="pm")
     value = load_pretrained(AutoModelForSequenceClassification, trainable_model_path(value_spec),
-                            "value model", num_labels=1, dtype=torch.float32)
+                            "value model", num_labels=1, **config.load_kwargs(quantize=False))
     _no_dropout(value)
+    if config.gradient_checkpointing and config.value_train == "full":
+        from constitutional.train import checkpoint_activations
+
+        checkpoint_activations(value)
     if value.config.vocab_size != policy.config.vocab_size:
         raise UserError("the value model must share the policy's tokenizer (it reads the "
                         "policy's tokens)", field="value_model")
@@ -157,6 +160,24 @@ def _load_value(config: PPOConfig, policy: Any, dtype: str) -> Any:
             # with the rollouts' dtype; the head, and so the values, stay float32
             ValueHead(value).backbone.to(torch.bfloat16)
     return value
+
+
+def _accelerator(config: PPOConfig) -> Any:
+    """The Accelerator on ``config.device`` (one this machine lacks is one line, exit 2), with
+    bf16 autocast when ``bf16`` is true, none when false (an earlier stage's choice in this
+    process is dropped), and accelerate's (``accelerate launch --mixed_precision``) when unset."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from constitutional.train import on_device
+
+    precision = None if config.bf16 is None else "bf16" if config.bf16 else "no"
+    if precision is not None:
+        AcceleratorState._reset_state()  # keeps the process state (its device and group)
+    with on_device(config.device) as device:
+        return Accelerator(cpu=not torch.cuda.is_available() or device == "cpu",
+                           **({"mixed_precision": precision} if precision else {}))
 
 
 def _load_rewarder(config: PPOConfig, device: Any) -> Rewarder:
@@ -225,13 +246,12 @@ class PPOTrainer:
                  prompts: Sequence[Sequence[Message]] | None = None,
                  accelerator: Any = None) -> None:
         import torch
-        from accelerate import Accelerator
 
         from constitutional.models.hf import HFModel
 
         self.config = config
         self.out = Path(config.out)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or _accelerator(config)
         acc = self.accelerator
         if config.rollout_batch % acc.num_processes:
             raise UserError(f"rollout_batch {config.rollout_batch} must divide over "
@@ -253,6 +273,10 @@ class PPOTrainer:
         self.generator = HFModel(policy_dir, spec=config.policy, model=acc.unwrap_model(
             self.policy), tokenizer=self.tokenizer, device=str(acc.device),
             generate_dtype=dtype)
+        # how rollouts compute is decided here, on the starting weights, before any checkpoint
+        # is loaded: the bf16 engine's self-check can pass on some weights and fail on others,
+        # and a resumed run must sample as the uninterrupted one did
+        self.rollout_dtype = str(self.generator.prepare_generation()).removeprefix("torch.")
         self.kl_ctl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
         self.experience = ExperienceMaker(
             config, generator=self.generator, tokenizer=self.tokenizer, ref=self.ref,
@@ -294,7 +318,7 @@ class PPOTrainer:
         self.policy.train()
         self.value.train()
         n_micro = 0
-        norms: list[float] = []
+        norms: list[dict[str, float]] = []
         for _ in range(c.ppo_epochs):
             order = torch.randperm(B, generator=g).tolist()
             for start in range(0, B, mb):
@@ -311,8 +335,9 @@ class PPOTrainer:
         # each process holds its share of every minibatch mean: the sum over processes is the mean
         means = self._all_sum(torch.stack([torch.stack(v).mean() for v in stats.values()]))
         out = dict(zip(stats, means.tolist(), strict=True))
-        # the gradient's norm before clipping (all-reduced already: the same on every process)
-        out["grad_norm"] = sum(norms) / len(norms)
+        # the gradients' norms before clipping (all-reduced already: the same on every process)
+        for name in ("policy", "value"):
+            out[f"{name}_grad_norm"] = sum(n[name] for n in norms) / len(norms)
         return out
 
     def _minibatch_step(self, r: Rollout, i: Any) -> dict[str, Any]:
@@ -349,23 +374,28 @@ class PPOTrainer:
                             output_hidden_states=True, use_cache=False).hidden_states[-1]
         return self.value_head.head(hidden).squeeze(-1).float()
 
-    def _optimizer_step(self, step: int) -> float:
-        """Clip the gradient, refuse a non-finite one (before it reaches the weights), step; the
-        gradient's norm before clipping."""
+    def _optimizer_step(self, step: int) -> dict[str, float]:
+        """Clip the policy's and the critic's gradients, each to ``max_grad_norm``; refuse a
+        non-finite one (before it reaches the weights); step. Their norms before clipping."""
         acc = self.accelerator
         if self.config.value_train == "head" and acc.num_processes > 1:
             for p in self.value_head.head.parameters():  # what DDP does for the policy
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, "mean")
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = float(acc.clip_grad_norm_(params, self.config.max_grad_norm))
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NotFinite(step + 1, "the gradient", self._latest_checkpoint())
+        # the policy's and the critic's gradients are clipped apart (as OpenRLHF's two
+        # optimizers do): a badly fit critic's large gradient does not shrink the policy's step
+        norms = {}
+        for name, group in zip(("policy", "value"), self.optimizer.param_groups, strict=True):
+            norm = float(acc.clip_grad_norm_(group["params"], self.config.max_grad_norm))
+            if not math.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NotFinite(step + 1, f"the {name} model's gradient",
+                                self._latest_checkpoint())
+            norms[name] = norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norms
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -441,7 +471,8 @@ class PPOTrainer:
             "entropy": ent_all.mean().item(),
             "clip_frac": learn["clip_frac"],
             "approx_kl": learn["approx_kl"],
-            "grad_norm": learn["grad_norm"],
+            "policy_grad_norm": learn["policy_grad_norm"],
+            "value_grad_norm": learn["value_grad_norm"],
             "policy_loss": learn["policy_loss"],
             "value_loss": learn["value_loss"],
             "value_explained_var": explained_variance(r.values, r.returns, r.response_mask,
@@ -489,6 +520,7 @@ class PPOTrainer:
                         else self.optimizer, tmp)
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         meta = {"step": self.step, "kl_coef": self.kl_ctl.beta,
+                "rollout_dtype": self.rollout_dtype,
                 "scheduler": self.scheduler.state_dict(), "python_rng": _py_rng_state()}
         atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, default=str))
         if final.exists():
@@ -540,6 +572,11 @@ class PPOTrainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.kl_ctl.beta = meta["kl_coef"]
         self.step = meta["step"]
+        self.generator.sync_weights()  # the low-precision copy takes the loaded weights
+        if meta.get("rollout_dtype", self.rollout_dtype) != self.rollout_dtype:
+            log.warning("the checkpoint's rollouts were generated in %s, this run's are in %s "
+                        "(another machine or library version?): the resumed curve will differ",
+                        meta["rollout_dtype"], self.rollout_dtype)
         torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_rng"])
         _set_py_rng_state(meta["python_rng"])
         log.info("resumed from %s (step %d)", path, self.step)
