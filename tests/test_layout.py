@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": _STAGES | {"distributed", "config", "pipeline"},
 }
 #: The modules of ``rl`` that ``evaluate`` may import.
-EVALUATE_MAY_USE = {"constitutional.rl", "constitutional.rl.feedback",
+EVALUATE_MAY_USE = {"constitutional.rl", "constitutional.rl.feedback", "constitutional.rl.gates",
                     "constitutional.rl.preference", "constitutional.rl.prompts"}
 
 

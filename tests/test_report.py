@@ -335,6 +335,80 @@ def test_verdict_of_labels_with_signal(tmp_path: Path) -> None:
     assert rows["order agreement"][2] == rows["calibration accuracy"][2] == "above chance"
 
 
+def _labels_run(run: Path, bias: float, agreement: float, gates: dict[str, Any] | None,
+                calibration: float | None = None) -> dict[str, str]:
+    """The verdict of a run with only labels (and a calibration): ``{"stage": its verdict,
+    "headline": …, "warnings": …, figure name: what it says}``."""
+    (run / "rl").mkdir(parents=True, exist_ok=True)
+    (run / "rl" / "label.summary.json").write_text(json.dumps({
+        "pairs": 200, "pairs_both_orders": 200, "position_bias_rate": bias,
+        "order_agreement": agreement, "mean_abs_p_a_minus_half": 0.2}))
+    if calibration is not None:
+        (run / "calibrate").mkdir(exist_ok=True)
+        (run / "calibrate" / "calibrate.summary.json").write_text(json.dumps({
+            "data": "h.jsonl", "n": 100, "accuracy": calibration,
+            "ci95": list(_wilson(round(100 * calibration), 100))}))
+    (run / "run.json").write_text(json.dumps({"stages": {}, **({"gates": gates} if gates else {})}))
+    verdict = html.unescape(_sections(render_report(run))["verdict"])
+    stage = re.search(r"<th[^>]*>AI labels</th><td[^>]*>(.*?)</td>", verdict)
+    headline = re.search(r'<p class="verdict-headline[^>]*>(.*?)</p>', verdict)
+    return {"stage": stage.group(1) if stage else "", "headline": headline.group(1),
+            "warnings": verdict.partition("</ul>")[0] if "<ul" in verdict else "",
+            **{name: row[2] for name, row in _verdict_rows(verdict).items()}}
+
+
+def _gates(bias: float, calibration: float | None = None, mode: str = "warn",
+           max_position_bias: float = 0.9) -> dict[str, Any]:
+    """run.json's ``gates`` as ``cai run`` records it for these summaries."""
+    from constitutional.rl.gates import GateSettings, evaluate_gates
+
+    settings = GateSettings(mode=mode, max_position_bias=max_position_bias,
+                            calibration="h.jsonl" if calibration is not None else None)
+    summary = (None if calibration is None else
+               {"accuracy": calibration, "n": 100,
+                "ci95": list(_wilson(round(100 * calibration), 100))})
+    return {**evaluate_gates(settings, {"position_bias_rate": bias}, summary), "before": "pm"}
+
+
+def test_the_labels_verdict_is_the_gates_recorded_decision(tmp_path: Path) -> None:
+    """The AI labels' "no signal" is what run.json's gates decided, even where the summary now
+    says otherwise; without a recorded decision the gates' checks decide it on the summaries."""
+    # the gates found a position bias of 0.95; the summary (relabelled since) says 0.1
+    told = _labels_run(tmp_path / "a", 0.1, 0.9, _gates(0.95))
+    assert told["stage"] == "no signal" and told["position-bias rate"] == "no signal (≥ 0.9)"
+    assert "The AI labels carry no signal" in told["headline"]
+    assert "carry no signal: in 10% of pairs" in told["warnings"]
+    # and the other way round: the gates passed labels whose summary now says 0.95
+    passed = _labels_run(tmp_path / "b", 0.95, 0.9, _gates(0.1))
+    assert passed["stage"] == "signal" and passed["position-bias rate"] == "below 0.9"
+    assert "Every measured stage carried signal." in passed["headline"]
+    assert "no signal" not in passed["warnings"]
+    # the recorded threshold, and a strict gate that stopped the run
+    strict = _labels_run(tmp_path / "c", 0.5, 0.9, _gates(0.5, mode="strict",
+                                                          max_position_bias=0.4))
+    assert strict["stage"] == "no signal" and strict["position-bias rate"] == "no signal (≥ 0.4)"
+    assert strict["headline"].startswith("The run stopped before the pm stage")
+    # the calibration check as recorded: failed, though the summary is now above chance
+    calibrated = _labels_run(tmp_path / "d", 0.1, 0.9, _gates(0.1, calibration=0.52),
+                             calibration=0.8)
+    assert calibrated["stage"] == "no signal"
+    assert calibrated["calibration accuracy"] == "at chance"
+    assert "The feedback model is at chance on human comparisons" in calibrated["warnings"]
+    # no gate checks the order agreement: with signal recorded, it still puts the stage at chance
+    coin = _labels_run(tmp_path / "e", 0.1, 0.5, _gates(0.1))
+    assert coin["stage"] == "at chance" and coin["order agreement"] == "at chance"
+    # gates.mode: off (no gates recorded): decided now, by the gates' checks, as before
+    for bias, calibration, stage in ((0.95, None, "no signal"), (0.1, None, "signal"),
+                                     (0.1, 0.52, "no signal"), (0.1, 0.2, "no signal")):
+        now = _labels_run(tmp_path / f"off-{bias}-{calibration}", bias, 0.9, None, calibration)
+        assert now["stage"] == stage
+        recorded = _labels_run(tmp_path / f"warn-{bias}-{calibration}", bias, 0.9,
+                               _gates(bias, calibration), calibration)
+        assert recorded == now  # the same summaries: the same verdict, recorded or not
+    below = _labels_run(tmp_path / "below", 0.1, 0.9, None, 0.2)
+    assert below["calibration accuracy"] == "below chance"
+
+
 def test_missing_and_broken_files_never_crash(tmp_path: Path, run_dir: Path) -> None:
     page = render_report(tmp_path)  # an empty run directory
     sections = _sections(page)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from constitutional.config import RunConfig
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.core.io import JsonlStore, atomic_write_text, stable_hash
 from constitutional.models.vllm import engines_scope
@@ -60,8 +61,10 @@ from constitutional.rl.gates import GATED_STAGES
 
 log = logging.getLogger(__name__)
 
-STATE = "run.json"
-CALIBRATION_SUMMARY = "calibrate.summary.json"
+#: A model directory's files that are not the model (a stage's metrics, PPO's settings): left out
+#: of its digest.
+_NOT_MODEL_FILES = tuple(Path(f).name for f in (layout.PM_METRICS, layout.SL_TRAIN_METRICS,
+                                                layout.DPO_METRICS, layout.PPO_CONFIG))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -90,8 +93,7 @@ def file_digest(path: Path, cache: dict[str, list[Any]] | None = None) -> str:
     """
     files = ([path] if path.is_file() else
              sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".json")
-                    and p.name not in ("pm.json", "sl_train.json", "dpo.json",
-                                       "ppo.config.json")))
+                    and p.name not in _NOT_MODEL_FILES))
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -124,7 +126,7 @@ class Pipeline:
         self.config = config
         self.root = Path(run_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.state_file = self.root / STATE
+        self.state_file = self.p(layout.STATE)
         self.state: dict[str, Any] = {"stages": {}}
         if self.state_file.exists():
             try:
@@ -146,7 +148,7 @@ class Pipeline:
 
     @property
     def sl_model(self) -> str:
-        return str(self.p("sl/model"))
+        return str(self.p(layout.SL_MODEL))
 
     @property
     def feedback_model(self) -> str:
@@ -169,36 +171,36 @@ class Pipeline:
     def _stages(self) -> list[Stage]:
         common = lambda cfg: {"model": cfg.model, "seed": cfg.seed}
         stages = [
-            Stage("revise", "sl", ["sl/revise.traces.jsonl", "sl/revise.sft.jsonl"],
+            Stage("revise", layout.SL, [layout.SL_TRACES, layout.SL_SFT],
                   lambda cfg: {**common(cfg), "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, "prompt_seed": cfg.seed + 1,
                                "constitution": cfg.constitution,
                                **cfg.revise.settings_dump(),
                                **_engine(cfg, generates=True, stage="revise")},
                   [], [], _revise),
-            Stage("sl_train", "sl/model", ["sl/model/model.safetensors"],
+            Stage("sl_train", layout.SL_MODEL, [layout.weights(layout.SL_MODEL)],
                   lambda cfg: {**common(cfg), "helpful": cfg.helpful,
                                "helpful_limit": cfg.helpful_limit,
                                **cfg.sl_train.settings_dump(), **_engine(cfg)},
-                  ["sl/revise.sft.jsonl"], ["revise"], _sl_train),
-            Stage("sample", "rl", ["rl/pairs.jsonl"],
+                  [layout.SL_SFT], ["revise"], _sl_train),
+            Stage("sample", layout.RL, [layout.PAIRS],
                   lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                                "limit": cfg.red_team_limit, **cfg.sample.model_dump(),
                                **_engine(cfg, generates=True, auto_vllm=True, stage="sample")},
-                  ["sl/model"], ["sl_train"], _sample),
-            Stage("label", "", ["rl/labels.jsonl", "rl/preferences.jsonl"],
+                  [layout.SL_MODEL], ["sl_train"], _sample),
+            Stage("label", "", [layout.LABELS, layout.PREFERENCES],
                   lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
                                **cfg.label.model_dump(), **_engine(cfg, stage="label")},
-                  ["rl/pairs.jsonl"], ["sample"], _label),
+                  [layout.PAIRS], ["sample"], _label),
             *self._calibrate_stage(),
-            Stage("pm", "pm", ["pm/pm.json", "pm/model.safetensors"],
+            Stage("pm", layout.PM, [layout.PM_METRICS, layout.weights(layout.PM)],
                   lambda cfg: {**common(cfg), **cfg.pm.settings_dump(), **_engine(cfg)},
-                  ["rl/preferences.jsonl"], ["label"], _pm),
+                  [layout.PREFERENCES], ["label"], _pm),
         ]
         algos = self.algos()
         if "ppo" in algos:
             stages.append(Stage(
-                "ppo", "ppo", ["ppo/model.safetensors", "ppo/ppo_log.jsonl"],
+                "ppo", layout.PPO, [layout.weights(layout.PPO), layout.PPO_LOG],
                 lambda cfg: {"seed": cfg.seed, "red_team": cfg.red_team,
                              "helpful": cfg.helpful, "limit": cfg.red_team_limit,
                              "helpful_limit": cfg.helpful_limit, **_engine(cfg),
@@ -206,30 +208,30 @@ class Pipeline:
                                 if k != "reward"},
                              # PPO's output depends on neither: runs keep their fingerprint
                              "algo": "both" if cfg.rl.algo == "both" else "ppo"},
-                ["sl/model", "pm"], ["sl_train", "pm"], _ppo))
+                [layout.SL_MODEL, layout.PM], ["sl_train", "pm"], _ppo))
         for algo in ("grpo", "rloo"):
             if algo in algos:
                 stages.append(self._online_stage(algo))
         if "dpo" in algos:
             stages.append(Stage(
-                "dpo", "dpo", ["dpo/model.safetensors", "dpo/dpo.json"],
+                "dpo", layout.DPO, [layout.weights(layout.DPO), layout.DPO_METRICS],
                 lambda cfg: {"seed": cfg.seed, **cfg.dpo.settings_dump(), **_engine(cfg)},
-                ["sl/model", "rl/preferences.jsonl"], ["sl_train", "label"], _dpo))
+                [layout.SL_MODEL, layout.PREFERENCES], ["sl_train", "label"], _dpo))
         stages.append(Stage(
-            "eval", "eval", ["eval/answers.jsonl", "eval/elo.json", "eval/evasiveness.json",
-                             "eval/revision_curve.json",
-                             *(["eval/xstest.json"] if self.config.eval.xstest.enabled else [])],
+            "eval", layout.EVAL, [layout.ANSWERS, layout.ELO, layout.EVASIVENESS,
+                                  layout.REVISION_CURVE,
+                                  *([layout.XSTEST] if self.config.eval.xstest.enabled else [])],
             lambda cfg: {**common(cfg), "red_team": cfg.red_team, "helpful": cfg.helpful,
                          "constitution": cfg.constitution, **cfg.eval.settings_dump(),
                          **_engine(cfg, generates=True, auto_vllm=True, stage="eval")},
-            ["sl/model", "pm", *[f"{a}" for a in algos]], ["sl_train", "pm", *algos], _eval))
+            [layout.SL_MODEL, layout.PM, *algos], ["sl_train", "pm", *algos], _eval))
         return stages
 
     def _online_stage(self, algo: str) -> Stage:
         """GRPO or RLOO: the PM is an input only when it is part of the reward; the judge's
         question is ``label:``'s, asked of the feedback model."""
         reward = self.config.rl.reward
-        pm = ["pm"] if "pm" in reward else []
+        pm = "pm" in reward
         judge = "judge" in reward
 
         def settings(cfg: RunConfig) -> dict[str, Any]:
@@ -240,8 +242,9 @@ class Pipeline:
                         "constitution": cfg.constitution, "label": cfg.label.model_dump()}
                        if judge else {})}
 
-        return Stage(algo, algo, [f"{algo}/model.safetensors", f"{algo}/{algo}_log.jsonl"],
-                     settings, ["sl/model", *pm], ["sl_train", *pm],
+        return Stage(algo, algo, [layout.weights(algo), layout.rl_log(algo)],
+                     settings, [layout.SL_MODEL, *([layout.PM] if pm else [])],
+                     ["sl_train", *(["pm"] if pm else [])],
                      lambda pl: _online(pl, algo))
 
     def _calibrate_stage(self) -> list[Stage]:
@@ -250,8 +253,8 @@ class Pipeline:
         if not g.calibration or g.mode == "off":
             return []
         data = Path(g.calibration).expanduser().resolve()
-        data = data / "preferences.jsonl" if data.is_dir() else data
-        return [Stage("calibrate", "calibrate", [f"calibrate/{CALIBRATION_SUMMARY}"],
+        data = data / Path(layout.PREFERENCES).name if data.is_dir() else data  # an rl/ dir
+        return [Stage("calibrate", layout.CALIBRATE, [layout.CALIBRATION_SUMMARY],
                       lambda cfg: {"seed": cfg.seed, "constitution": cfg.constitution,
                                    **cfg.label.model_dump(), "data": str(data),
                                    "limit": cfg.gates.calibration_limit,
@@ -274,7 +277,7 @@ class Pipeline:
 
     def run(self, only: list[str] | None = None,
             on_stage: Callable[[str, str, float], None] | None = None) -> dict[str, Any]:
-        atomic_write_text(self.p("config.yaml"), _yaml(self.config.to_dict()))
+        atomic_write_text(self.p(layout.CONFIG), _yaml(self.config.to_dict()))
         names = [s.name for s in self.stages]
         for name in only or []:
             if name not in names and name != "report":
@@ -370,9 +373,9 @@ class Pipeline:
         if g.mode == "off":
             self.state.pop("gates", None)
             return None
-        calibration = (_read_json(self.p(f"calibrate/{CALIBRATION_SUMMARY}"))
+        calibration = (_read_json(self.p(layout.CALIBRATION_SUMMARY))
                        if any(s.name == "calibrate" for s in self.stages) else None)
-        result = evaluate_gates(g, _read_json(self.p("rl/label.summary.json")), calibration)
+        result = evaluate_gates(g, _read_json(self.p(layout.LABEL_SUMMARY)), calibration)
         result["before"] = before
         self.state["gates"] = result
         self.save_state()
@@ -415,7 +418,7 @@ def _revise(pl: Pipeline) -> dict[str, Any]:
 
     c = pl.config
     config = ReviseConfig(**c.revise.model_dump(), prompts=c.red_team, model=c.model,
-                          out=str(pl.p("sl")), constitution=c.constitution,
+                          out=str(pl.p(layout.SL)), constitution=c.constitution,
                           limit=c.red_team_limit, split="train", seed=c.seed,
                           prompt_seed=c.seed + 1)  # the same seeded draw as the sample stage
     options = pl.ray_options()
@@ -501,7 +504,7 @@ def _sl_train(pl: Pipeline) -> dict[str, Any]:
     from constitutional.sl.train import SLTrainConfig, sl_train
 
     c = pl.config
-    result = sl_train(SLTrainConfig(**c.sl_train.model_dump(), data=str(pl.p("sl")),
+    result = sl_train(SLTrainConfig(**c.sl_train.model_dump(), data=str(pl.p(layout.SL)),
                                     model=c.model, out=pl.sl_model, helpful=c.helpful,
                                     helpful_limit=c.helpful_limit, device=c.device,
                                     seed=c.seed, resume=True))
@@ -521,11 +524,11 @@ def _sample(pl: Pipeline) -> dict[str, Any]:
     if options is not None:
         from constitutional.distributed.ray import ray_sample
 
-        result = ray_sample(prompts, config, pl.p("rl"), options)
+        result = ray_sample(prompts, config, pl.p(layout.RL), options)
     else:
         with _model(pl.sl_model, c, 2 * len(prompts) * config.max_new_tokens,
                     stage="sample") as lm:
-            result = sample(prompts, config, pl.p("rl"), model=lm)
+            result = sample(prompts, config, pl.p(layout.RL), model=lm)
     return {"pairs": result.pairs}
 
 
@@ -536,15 +539,15 @@ def _label(pl: Pipeline) -> dict[str, Any]:
     config = LabelConfig(**c.label.model_dump(exclude={"feedback_model"}),
                          feedback_model=pl.feedback_model, constitution=c.constitution,
                          seed=c.seed)
-    pairs = load_pairs(pl.p("rl"))
+    pairs = load_pairs(pl.p(layout.RL))
     options = pl.ray_options()
     if options is not None:
         from constitutional.distributed.ray import ray_label
 
-        result = ray_label(pairs, config, pl.p("rl"), options)
+        result = ray_label(pairs, config, pl.p(layout.RL), options)
     else:
         with _model(pl.feedback_model, c, stage="label") as lm:
-            result = label(pairs, config, pl.p("rl"), model=lm)
+            result = label(pairs, config, pl.p(layout.RL), model=lm)
     return {"mean_p_a": result.mean_p_a, "position_bias_rate": result.position_bias_rate,
             "order_agreement": result.order_agreement,
             "mean_abs_p_a_minus_half": result.mean_abs_p_a_minus_half}
@@ -559,7 +562,7 @@ def _calibrate(pl: Pipeline) -> dict[str, Any]:
                              seed=c.seed, data=str(g.calibration), limit=g.calibration_limit,
                              sample=g.calibration_sample)
     with _model(pl.feedback_model, c, stage="calibrate") as lm:
-        result = calibrate(config, pl.p("calibrate"), model=lm)
+        result = calibrate(config, pl.p(layout.CALIBRATE), model=lm)
     s = result.summary
     return {"accuracy": s["accuracy"], "ci_low": s["ci95"][0], "ci_high": s["ci95"][1],
             "n": s["n"], "verdict": s["verdict"], "position_bias_rate": s["position_bias_rate"],
@@ -570,8 +573,8 @@ def _pm(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.preference import PMConfig, pm_train
 
     c = pl.config
-    result = pm_train(PMConfig(**c.pm.model_dump(exclude={"model"}), labels=str(pl.p("rl")),
-                               model=c.pm.model or c.model, out=str(pl.p("pm")), seed=c.seed,
+    result = pm_train(PMConfig(**c.pm.model_dump(exclude={"model"}), labels=str(pl.p(layout.RL)),
+                               model=c.pm.model or c.model, out=str(pl.p(layout.PM)), seed=c.seed,
                                device=c.device, resume=True))
     return {k: result.metrics.get(k) for k in ("eval_accuracy_before", "eval_accuracy",
                                                 "eval_rows")}
@@ -584,8 +587,8 @@ def _ppo(pl: Pipeline) -> dict[str, Any]:
     settings = {**s.model_dump(exclude={"algo", "reward"}), "limit": c.red_team_limit,
                 "helpful_limit": c.helpful_limit, "device": c.device,
                 "save_steps": min(s.save_steps, max(1, s.steps // 2))}
-    result = ppo_train(PPOConfig(**settings, policy=pl.sl_model, pm=str(pl.p("pm")),
-                                 prompts=c.red_team, out=str(pl.p("ppo")), helpful=c.helpful,
+    result = ppo_train(PPOConfig(**settings, policy=pl.sl_model, pm=str(pl.p(layout.PM)),
+                                 prompts=c.red_team, out=str(pl.p(layout.PPO)), helpful=c.helpful,
                                  seed=c.seed, resume=True),
                        on_step=lambda r: log.info("ppo step %d: reward %.3f, KL %.3f", r["step"],
                                                   r["reward_mean"], r["kl"]))
@@ -607,7 +610,7 @@ def _online(pl: Pipeline, algo: str) -> dict[str, Any]:
     config = GRPOConfig(**{**g.model_dump(), "save_steps": min(g.save_steps,
                                                                 max(1, g.steps // 2))},
                         algo=algo, reward=c.rl.reward, policy=pl.sl_model,
-                        pm=str(pl.p("pm")) if "pm" in c.rl.reward else None,
+                        pm=str(pl.p(layout.PM)) if "pm" in c.rl.reward else None,
                         feedback_model=feedback, constitution=c.constitution,
                         prompts=c.red_team, helpful=c.helpful, limit=c.red_team_limit,
                         helpful_limit=c.helpful_limit, device=c.device,
@@ -622,8 +625,8 @@ def _dpo(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.dpo import DPOStageConfig, dpo_train
 
     c = pl.config
-    result = dpo_train(DPOStageConfig(**c.dpo.model_dump(), labels=str(pl.p("rl")),
-                                      policy=pl.sl_model, out=str(pl.p("dpo")), seed=c.seed,
+    result = dpo_train(DPOStageConfig(**c.dpo.model_dump(), labels=str(pl.p(layout.RL)),
+                                      policy=pl.sl_model, out=str(pl.p(layout.DPO)), seed=c.seed,
                                       device=c.device, resume=True))
     return {k: result.metrics.get(k) for k in ("eval_margin_before", "eval_margin")}
 
@@ -657,7 +660,7 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
     from constitutional.rl.preference import load_pm
 
     c, e = pl.config, pl.config.eval
-    out = pl.p("eval")
+    out = pl.p(layout.EVAL)
     out.mkdir(parents=True, exist_ok=True)
     sets = {"harmless": load_prompts(c.red_team, limit=e.prompts, seed=c.seed, split="test"),
             "helpful": load_prompts(c.helpful, limit=e.prompts, seed=c.seed, split="test")}
@@ -691,14 +694,13 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
                 answer_rows(lm, todo, answer, out)
                 if xs_todo:
                     answer_checkpoint(lm, name, xs_prompts, xs, out)
-            del lm  # one checkpoint's model in memory at a time
         store = JsonlStore(out / ANSWERS)  # re-read: the records were appended by another writer
     order = {n: i for i, n in enumerate(checkpoints(pl))}
     rows = sorted(store.records(), key=lambda r: (order.get(r["checkpoint"], 99), r["kind"],
                                                   r["prompt_id"]))
     from constitutional.core.io import atomic_write_jsonl
 
-    atomic_write_jsonl(out / "answers.jsonl", [{k: r[k] for k in (
+    atomic_write_jsonl(pl.p(layout.ANSWERS), [{k: r[k] for k in (
         "checkpoint", "prompt_id", "kind", "prompt", "answer")} for r in rows])
     info: dict[str, Any] = {}
     if xs:  # first: it needs no judge, and it is the evaluation people validated
@@ -707,22 +709,22 @@ def _eval(pl: Pipeline) -> dict[str, Any]:
                               "safe_answered": round(f["safe_answered"]["rate"], 3)}
                           for n, f in result["checkpoints"].items()}
     elos: dict[str, dict[str, Any]] = {}
-    for target, spec in (("elo.json", e.judge), ("elo.second.json", e.second_judge)):
+    for target, spec in ((layout.ELO, e.judge), (layout.ELO_SECOND, e.second_judge)):
         if spec is None:
             continue
-        judge = make_judge(f"pm:{pl.p('pm')}" if spec == "pm" else spec,
+        judge = make_judge(f"pm:{pl.p(layout.PM)}" if spec == "pm" else spec,
                            constitution=c.constitution, seed=c.seed, device=c.device)
         try:
-            elos[target] = run_elo(out / "answers.jsonl", judge, out / target,
+            elos[target] = run_elo(pl.p(layout.ANSWERS), judge, pl.p(target),
                                    bootstrap=e.bootstrap, seed=c.seed, anchor="initial")
         finally:
             if isinstance(getattr(judge, "lm", None), LanguageModel):
                 judge.lm.close()  # a feedback model's (vLLM) engine ends here
         del judge  # one judge in memory at a time
-    evasive = run_evasiveness(str(out / "answers.jsonl"), str(out / "evasiveness.json"))
-    curve = run_revision_curve(pl.p("sl/revise.traces.jsonl"), load_pm(pl.p("pm")),
-                               out / "revision_curve.json", pm_name="pm")
-    keys = {"elo.json": "elo", "elo.second.json": "elo_second"}
+    evasive = run_evasiveness(str(pl.p(layout.ANSWERS)), str(pl.p(layout.EVASIVENESS)))
+    curve = run_revision_curve(pl.p(layout.SL_TRACES), load_pm(pl.p(layout.PM)),
+                               pl.p(layout.REVISION_CURVE), pm_name="pm")
+    keys = {layout.ELO: "elo", layout.ELO_SECOND: "elo_second"}
     return {**info,
             **{keys[target]: {kind: {n: round(v["elo"], 1) for n, v in r["elo"].items()}
                               for kind, r in result.items()}

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
+from constitutional.core import layout
 from constitutional.core.settings import Field, Settings
 from constitutional.core.stats import NO_SIGNAL_POSITION_BIAS, chance_verdict
 
@@ -60,7 +61,7 @@ def _bias_check(settings: GateSettings, summary: dict[str, Any] | None) -> dict[
     check: dict[str, Any] = {"check": "position_bias_rate", "value": bias,
                              "threshold": settings.max_position_bias}
     if summary is None:
-        return {**check, "passed": None, "message": "not measured (no rl/label.summary.json)"}
+        return {**check, "passed": None, "message": f"not measured (no {layout.LABEL_SUMMARY})"}
     if bias is None:
         return {**check, "passed": None,
                 "message": "not measured (labels scored in one order only)"}
@@ -99,7 +100,7 @@ def evaluate_gates(settings: GateSettings, label_summary: dict[str, Any] | None,
         checks.append(_calibration_check(calibration_summary))
     elif settings.calibration:
         checks.append({"check": "calibration_accuracy", "value": None, "passed": None,
-                       "message": "not measured (no calibrate/calibrate.summary.json)"})
+                       "message": f"not measured (no {layout.CALIBRATION_SUMMARY})"})
     failed = [c for c in checks if c["passed"] is False]
     if failed:
         status = "fail" if settings.mode == "strict" else "warn"

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from constitutional.core import layout
 from constitutional.evaluate.report import plots
 from constitutional.evaluate.report.rundir import Lines, RunDir
 from constitutional.evaluate.report.values import flat, fmt, num
@@ -46,7 +47,7 @@ def _stage_table(data: Any) -> dict[str, Any]:
 
 
 def build_stages(run: RunDir) -> StagesData:
-    data = run.json("run.json")
+    data = run.json(layout.STATE)
     stages = _stage_table(data)
     if not stages:
         return StagesData()
@@ -113,9 +114,9 @@ def _elo_kind(kind: str, result: dict[str, Any], points: dict[str, plots.Point])
 
 
 def build_elo(run: RunDir) -> EloData:
-    data = run.json("eval/elo.json")
+    data = run.json(layout.ELO)
     if not isinstance(data, dict):
-        raise TypeError("eval/elo.json: expected an object {harmless: …, helpful: …}")
+        raise TypeError(f"{layout.ELO}: expected an object {{harmless: …, helpful: …}}")
     kinds = [k for k in ("harmless", "helpful") if isinstance(data.get(k), dict)]
     if not kinds:
         return EloData()
@@ -143,9 +144,9 @@ class EvasivenessData:
 
 
 def build_evasiveness(run: RunDir) -> EvasivenessData:
-    data = run.json("eval/evasiveness.json")
+    data = run.json(layout.EVASIVENESS)
     if not isinstance(data, dict):
-        raise TypeError("eval/evasiveness.json: expected an object")
+        raise TypeError(f"{layout.EVASIVENESS}: expected an object")
     table = data.get("checkpoints") if isinstance(data.get("checkpoints"), dict) else data
     rows = {str(k): v for k, v in table.items() if isinstance(v, dict) and "rate" in v}
     if not rows:
@@ -179,9 +180,9 @@ def _rate_point(r: Any) -> plots.Point:
 
 
 def build_xstest(run: RunDir) -> XSTestData:
-    data = run.json("eval/xstest.json")
+    data = run.json(layout.XSTEST)
     if not isinstance(data, dict):
-        raise TypeError("eval/xstest.json: expected an object")
+        raise TypeError(f"{layout.XSTEST}: expected an object")
     figures = data.get("checkpoints")
     figures = {str(k): v for k, v in figures.items() if isinstance(v, dict)} \
         if isinstance(figures, dict) else {}
@@ -226,7 +227,7 @@ class RevisionCurveData:
 
 
 def build_revision_curve(run: RunDir) -> RevisionCurveData:
-    data = run.json("eval/revision_curve.json")
+    data = run.json(layout.REVISION_CURVE)
     points = data.get("points") if isinstance(data, dict) else None
     if not isinstance(points, list) or not points:
         return RevisionCurveData()
@@ -254,9 +255,9 @@ class PmData:
 
 
 def build_pm(run: RunDir) -> PmData:
-    data = run.json("pm/pm.json")
+    data = run.json(layout.PM_METRICS)
     if not isinstance(data, dict):
-        raise TypeError("pm/pm.json: expected an object")
+        raise TypeError(f"{layout.PM_METRICS}: expected an object")
     metrics = data.get("metrics")
     return PmData(flat(metrics) if isinstance(metrics, dict) and metrics else None,
                   flat({k: v for k, v in data.items() if k != "metrics"}))
@@ -280,7 +281,7 @@ def _series(steps: list[float], rows: list[dict[str, Any]], key: str) -> plots.S
 
 def build_ppo(run: RunDir, algo: str = "ppo") -> PpoData:
     """An online RL stage's log (``ppo``, ``grpo`` or ``rloo``): curves and the steps."""
-    lines = run.jsonl(f"{algo}/{algo}_log.jsonl")
+    lines = run.jsonl(layout.rl_log(algo))
     rows = lines.rows
     if not rows:
         return PpoData(lines, algo)

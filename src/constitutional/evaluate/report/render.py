@@ -13,12 +13,13 @@ import html
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.core.io import atomic_write_text
 from constitutional.evaluate.report.build import (
@@ -38,7 +39,7 @@ from constitutional.evaluate.report.verdict import build_verdict
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
+REPORT_FILE = layout.REPORT
 #: Each section's builder: run directory → the data its template shows (in page order).
 SECTIONS: dict[str, Callable[[RunDir], Any]] = {
     "verdict": build_verdict,  # first: before any table
@@ -84,6 +85,8 @@ def environment() -> Environment:
                       autoescape=True, undefined=StrictUndefined, finalize=_escape,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
+    env.filters["filename"] = lambda rel: PurePosixPath(rel).name
+    env.globals["layout"] = layout  # the run directory's file names
     env.tests["cell_number"] = is_number
     return env
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from constitutional.core import layout
 from constitutional.evaluate.report import plots
 from constitutional.evaluate.report.rundir import Lines, NotRun, RunDir, Shown
 from constitutional.evaluate.report.sections import SECTION_FILES
@@ -70,14 +71,14 @@ def _trace(t: dict[str, Any]) -> Trace:
 
 def build_sl(run: RunDir) -> SlData:
     data = SlData()
-    have_summary = run.exists("sl/revise.summary.json")
+    have_summary = run.exists(layout.SL_SUMMARY)
     if have_summary:
-        data.summary = _summary_file(run, "sl/revise.summary.json")
-    if not run.exists("sl/revise.traces.jsonl"):
+        data.summary = _summary_file(run, layout.SL_SUMMARY)
+    if not run.exists(layout.SL_TRACES):
         if not have_summary:
-            raise NotRun("sl/revise.traces.jsonl")
+            raise NotRun(layout.SL_TRACES)
         return data
-    data.lines = run.jsonl("sl/revise.traces.jsonl")
+    data.lines = run.jsonl(layout.SL_TRACES)
     shown = run.shown(data.lines.rows)
     shown.items = [_trace(t) for t in shown.items]
     data.shown = shown
@@ -167,15 +168,15 @@ def _label_sample(r: dict[str, Any]) -> LabelSample:
 
 def build_labels(run: RunDir) -> LabelsData:
     if not any(run.exists(f) for f in SECTION_FILES["labels"]):
-        raise NotRun("rl/labels.jsonl")
+        raise NotRun(layout.LABELS)
     data = LabelsData()
-    if run.exists("rl/pairs.jsonl"):
-        data.pairs = run.jsonl("rl/pairs.jsonl")
-    if run.exists("rl/label.summary.json"):
-        data.summary = _summary_file(run, "rl/label.summary.json")
-    if not run.exists("rl/labels.jsonl"):
+    if run.exists(layout.PAIRS):
+        data.pairs = run.jsonl(layout.PAIRS)
+    if run.exists(layout.LABEL_SUMMARY):
+        data.summary = _summary_file(run, layout.LABEL_SUMMARY)
+    if not run.exists(layout.LABELS):
         return data
-    data.labels = run.jsonl("rl/labels.jsonl")
+    data.labels = run.jsonl(layout.LABELS)
     labels = data.labels.rows
     data.histogram = _histogram(labels)
     data.bias = _position_bias(labels)
@@ -263,7 +264,7 @@ def _answers_of(answers: dict[str, Any], checkpoints: list[str]) -> list[Answer]
 
 
 def build_answers(run: RunDir) -> AnswersData:
-    lines = run.jsonl("eval/answers.jsonl")
+    lines = run.jsonl(layout.ANSWERS)
     rows = lines.rows
     checkpoints = list(dict.fromkeys(str(r.get("checkpoint")) for r in rows))
     kinds = list(dict.fromkeys(str(r.get("kind", "?")) for r in rows))

@@ -1,4 +1,4 @@
-"""The report's sections: their titles and the files each reads (relative to the run directory).
+"""The report's sections: their titles and the files each reads (:mod:`constitutional.core.layout`).
 
 A section ``sid`` is built by ``SECTIONS[sid]`` (``render.py``) into plain data and shown by
 ``templates/sections/<sid>.html.j2``.
@@ -8,22 +8,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from constitutional.core import layout
+
 SECTION_FILES: dict[str, tuple[str, ...]] = {
-    "verdict": ("run.json", "eval/xstest.json", "rl/label.summary.json",
-                "calibrate/calibrate.summary.json", "pm/pm.json", "eval/elo.json",
-                "eval/evasiveness.json", "ppo/ppo_log.jsonl"),
-    "stages": ("run.json",),
-    "xstest": ("eval/xstest.json",),
-    "elo": ("eval/elo.json",),
-    "evasiveness": ("eval/evasiveness.json",),
-    "revision-curve": ("eval/revision_curve.json",),
-    "sl": ("sl/revise.traces.jsonl", "sl/revise.summary.json"),
-    "labels": ("rl/labels.jsonl", "rl/label.summary.json", "rl/pairs.jsonl"),
-    "pm": ("pm/pm.json",),
-    "ppo": ("ppo/ppo_log.jsonl",),
-    "grpo": ("grpo/grpo_log.jsonl",),
-    "rloo": ("rloo/rloo_log.jsonl",),
-    "answers": ("eval/answers.jsonl",),
+    "verdict": (layout.STATE, layout.XSTEST, layout.LABEL_SUMMARY, layout.CALIBRATION_SUMMARY,
+                layout.PM_METRICS, layout.ELO, layout.EVASIVENESS, layout.PPO_LOG),
+    "stages": (layout.STATE,),
+    "xstest": (layout.XSTEST,),
+    "elo": (layout.ELO,),
+    "evasiveness": (layout.EVASIVENESS,),
+    "revision-curve": (layout.REVISION_CURVE,),
+    "sl": (layout.SL_TRACES, layout.SL_SUMMARY),
+    "labels": (layout.LABELS, layout.LABEL_SUMMARY, layout.PAIRS),
+    "pm": (layout.PM_METRICS,),
+    "ppo": (layout.PPO_LOG,),
+    "grpo": (layout.rl_log(layout.GRPO),),
+    "rloo": (layout.rl_log(layout.RLOO),),
+    "answers": (layout.ANSWERS,),
 }
 TITLES = {
     "verdict": "Verdict: did it work, and did each stage carry signal?",

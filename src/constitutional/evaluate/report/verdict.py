@@ -16,7 +16,11 @@ wherever a figure is at chance:
   ``gates``): the position-bias rate (no signal at or above ``gates.max_position_bias``, as the
   quality gate of :mod:`constitutional.rl.gates` decides), the order agreement (at chance when its
   Wilson interval contains 0.5), the mean |p_a − 0.5|, and, when the run calibrated the feedback
-  model on human comparisons, its accuracy there with its interval;
+  model on human comparisons, its accuracy there with its interval. Whether the labels carry
+  signal, and whether each gated figure passed, is the decision ``cai run`` recorded in run.json
+  (``gates``); without one (``gates.mode: off``, a run directory of single commands) the gates'
+  own checks make it on the summaries. The order agreement, which no gate checks, can still put
+  the stage at chance;
 * **preference model** (``pm/pm.json``; ``pm/eval/*.summary.json`` from ``cai eval pm``): the
   held-out accuracy with a Wilson interval, at chance when it contains 50%;
 * **Elo** (``eval/elo.json``): the final checkpoint against the initial model, harmlessness first,
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from constitutional.core import layout
 from constitutional.core.stats import (
     NO_SIGNAL_POSITION_BIAS,
     chance_verdict,
@@ -50,6 +55,7 @@ from constitutional.core.stats import (
 from constitutional.evaluate.report.rundir import NotRun, RunDir
 from constitutional.evaluate.report.sections import SECTION_FILES
 from constitutional.evaluate.report.values import num
+from constitutional.rl.gates import GateSettings, evaluate_gates
 
 GOOD, BAD, WARN, NONE = "good", "bad", "warn", ""
 
@@ -73,6 +79,7 @@ class StageVerdict:
     verdict: str  # signal | no signal | at chance | …
     kind: str
     figures: list[Figure] = field(default_factory=list)
+    policy: str | None = None  # which of several RL policies it judges (None: the final one)
 
 
 @dataclass
@@ -117,9 +124,9 @@ def _xstest(run: RunDir, warnings: list[str], policy: str | None = None,
             ) -> StageVerdict | None:
     """XSTest, the measure people validated: the final checkpoint (or ``policy``) against the
     initial one."""
-    if not run.exists("eval/xstest.json"):
+    if not run.exists(layout.XSTEST):
         return None
-    data = run.json("eval/xstest.json")
+    data = run.json(layout.XSTEST)
     comparisons = data.get("comparisons") if isinstance(data, dict) else None
     comparisons = {k: v for k, v in (comparisons or {}).items() if isinstance(v, dict)}
     name = "XSTest (people-validated)"
@@ -174,25 +181,69 @@ def _xstest(run: RunDir, warnings: list[str], policy: str | None = None,
     return StageVerdict(name, verdict, kind, figures)
 
 
-def _labels(run: RunDir, warnings: list[str]) -> StageVerdict | None:
-    if not run.exists("rl/label.summary.json"):
-        return None
-    summary = run.json("rl/label.summary.json")
-    state = run.json("run.json") if run.exists("run.json") else {}
+def _recorded_gates(run: RunDir) -> dict[str, Any] | None:
+    """run.json's ``gates``: the quality gates' decision that ``cai run`` recorded before the
+    stages that learn from the labels; None when there is none (``gates.mode: off``, or a run
+    directory made by single commands)."""
+    state = run.json(layout.STATE) if run.exists(layout.STATE) else {}
     gates = state.get("gates") if isinstance(state, dict) else None
-    gates = gates if isinstance(gates, dict) else {}
-    threshold = num(gates.get("max_position_bias")) or NO_SIGNAL_POSITION_BIAS
+    return gates if isinstance(gates, dict) else None
+
+
+def _gate_decision(run: RunDir, bias: float | None, calibration: dict[str, Any] | None,
+                   ) -> tuple[bool | None, dict[str, dict[str, Any]]]:
+    """Whether the AI labels carry signal (None: not measured) and the gates' checks by name
+    (``position_bias_rate``, ``calibration_accuracy``: ``passed``, ``threshold``, ``verdict``).
+
+    What run.json's ``gates`` recorded decides wherever it decided (a check that passed or
+    failed, a signal or none); the rest is decided now by the gates' own checks
+    (:func:`constitutional.rl.gates.evaluate_gates`) on the summaries, with the recorded
+    ``max_position_bias`` or the default one."""
+    recorded = _recorded_gates(run) or {}
+    threshold = num(recorded.get("max_position_bias")) or NO_SIGNAL_POSITION_BIAS
+    computed = evaluate_gates(GateSettings(max_position_bias=threshold),
+                              {"position_bias_rate": bias}, calibration)
+    checks = {c["check"]: c for c in computed["checks"]}
+    for check in recorded.get("checks") or []:
+        if isinstance(check, dict) and check.get("passed") is not None:
+            checks[str(check.get("check"))] = check
+    signal = recorded.get("signal")
+    return (computed["signal"] if signal is None else bool(signal)), checks
+
+
+def _calibration_summary(run: RunDir) -> dict[str, Any] | None:
+    """``calibrate/calibrate.summary.json`` when it holds an accuracy and its interval."""
+    if not run.exists(layout.CALIBRATION_SUMMARY):
+        return None
+    s = run.json(layout.CALIBRATION_SUMMARY)
+    acc, ci = num(s.get("accuracy")), s.get("ci95")
+    if acc is None or not isinstance(ci, list) or len(ci) != 2:
+        return None
+    return {**s, "accuracy": acc, "ci95": [float(ci[0]), float(ci[1])], "n": s.get("n")}
+
+
+def _labels(run: RunDir, warnings: list[str]) -> StageVerdict | None:
+    """The AI labels: whether they carry signal is the quality gates' decision
+    (:func:`_gate_decision`); the order agreement, which no gate checks, can still put them at
+    chance."""
+    if not run.exists(layout.LABEL_SUMMARY):
+        return None
+    summary = run.json(layout.LABEL_SUMMARY)
     n = summary.get("pairs_both_orders", summary.get("pairs"))
-    figures, no_signal = [], False
     bias = num(summary.get("position_bias_rate"))
+    calibration = _calibration_summary(run)
+    signal, checks = _gate_decision(run, bias, calibration)
+    figures = []
     if bias is not None:
-        no_signal = bias >= threshold
+        check = checks.get("position_bias_rate", {})
+        threshold = num(check.get("threshold")) or NO_SIGNAL_POSITION_BIAS
+        failed = check.get("passed") is False
         figures.append(Figure(
             "position-bias rate", bias, _rate_interval(bias, n),
-            f"no signal (≥ {threshold:g})" if no_signal else f"below {threshold:g}",
-            BAD if no_signal else GOOD,
+            f"no signal (≥ {threshold:g})" if failed else f"below {threshold:g}",
+            BAD if failed else GOOD,
             "share of pairs where the same position (A or B) won in both orders"))
-        if no_signal:
+        if failed:
             warnings.append(
                 f"The AI labels carry no signal: in {_pct(bias)} of pairs the feedback model "
                 f"preferred the same position (A or B) in both orders, whatever the answers said "
@@ -214,27 +265,24 @@ def _labels(run: RunDir, warnings: list[str]) -> StageVerdict | None:
     if lean is not None:
         figures.append(Figure("mean |p_a − 0.5|", lean, None, "", NONE,
                               "how far the soft labels lean: 0 = all 0.5, 0.5 = certain"))
-    calibration = _calibration(run, warnings)
     if calibration is not None:
-        figures.append(calibration)
-        no_signal = no_signal or calibration.kind != GOOD
+        figures.append(_calibration(calibration, checks.get("calibration_accuracy", {}),
+                                    warnings))
     if not figures:
         return StageVerdict("AI labels", "not measured", NONE)
-    if no_signal:
+    if signal is False:
         return StageVerdict("AI labels", "no signal", BAD, figures)
     return _stage("AI labels", [f for f in figures if f.kind != NONE] or figures)
 
 
-def _calibration(run: RunDir, warnings: list[str]) -> Figure | None:
-    if not run.exists("calibrate/calibrate.summary.json"):
-        return None
-    s = run.json("calibrate/calibrate.summary.json")
-    acc, ci = num(s.get("accuracy")), s.get("ci95")
-    if acc is None or not isinstance(ci, list) or len(ci) != 2:
-        return None
-    interval = (float(ci[0]), float(ci[1]))
-    verdict, kind = _chance(interval)
-    if verdict != "above chance":
+def _calibration(s: dict[str, Any], check: dict[str, Any], warnings: list[str]) -> Figure:
+    """The feedback model's accuracy on human comparisons (``s``, the calibration summary), with
+    the gates' ``check`` of it."""
+    acc, interval = s["accuracy"], (s["ci95"][0], s["ci95"][1])
+    passed = bool(check.get("passed"))
+    verdict = str(check.get("verdict") or ("above chance" if passed else "at chance"))
+    kind = GOOD if passed else BAD if verdict == "below chance" else WARN
+    if not passed:
         warnings.append(
             f"The feedback model is {verdict} on human comparisons: it preferred the response "
             f"people chose in {_pct(acc)} of {s.get('n')} (95% CI {_ci(*interval)}"
@@ -246,9 +294,9 @@ def _calibration(run: RunDir, warnings: list[str]) -> Figure | None:
 
 
 def _pm(run: RunDir, warnings: list[str]) -> StageVerdict | None:
-    if not run.exists("pm/pm.json"):
+    if not run.exists(layout.PM_METRICS):
         return None
-    data = run.json("pm/pm.json")
+    data = run.json(layout.PM_METRICS)
     metrics = data.get("metrics") if isinstance(data, dict) else None
     metrics = metrics if isinstance(metrics, dict) else {}
     figures = []
@@ -264,7 +312,7 @@ def _pm(run: RunDir, warnings: list[str]) -> StageVerdict | None:
                 f"The preference model is at chance: its held-out accuracy {_pct(acc)} (95% CI "
                 f"{_ci(*interval)}) contains 50%, so its preferences are indistinguishable from "
                 f"a coin flip on comparisons it was not trained on.")
-    for file in sorted((run.path / "pm" / "eval").glob("*.summary.json")):
+    for file in sorted((run.path / layout.PM_EVAL).glob("*.summary.json")):
         s = run.json(str(file.relative_to(run.path)))
         ci = s.get("ci95") if isinstance(s, dict) else None
         if num(s.get("accuracy")) is None or not isinstance(ci, list) or len(ci) != 2:
@@ -298,9 +346,9 @@ def _own_pm(run: RunDir, judge: Any) -> bool:
         return False
     path = Path(str(judge.get("pm", "")).removeprefix("pm:"))
     if path.is_absolute():
-        return path.resolve() == (run.path / "pm").resolve()
-    return path.parts[-1:] == ("pm",) and (
-        (Path.cwd() / path).resolve() == (run.path / "pm").resolve()
+        return path.resolve() == (run.path / layout.PM).resolve()
+    return path.parts[-1:] == (layout.PM,) and (
+        (Path.cwd() / path).resolve() == (run.path / layout.PM).resolve()
         or path.parts[-2:-1] == (run.path.resolve().name,))
 
 
@@ -318,7 +366,7 @@ def _judge_caveat(run: RunDir, judge: Any, final: str) -> tuple[str, str] | None
         warning = (f"The Elo judge is this run's preference model, trained on the same AI "
                    f"labels as {final}, so it is not independent. {advice}")
     else:
-        labels = run.json("rl/label.summary.json") if run.exists("rl/label.summary.json") else {}
+        labels = run.json(layout.LABEL_SUMMARY) if run.exists(layout.LABEL_SUMMARY) else {}
         labeller = labels.get("feedback_model") if isinstance(labels, dict) else None
         if not (isinstance(judge, dict) and judge.get("type") == "feedback" and labeller
                 and str(judge.get("model")) == str(labeller)):
@@ -329,16 +377,24 @@ def _judge_caveat(run: RunDir, judge: Any, final: str) -> tuple[str, str] | None
     return f"{note}: not an independent judge", warning
 
 
+def _initial_and_final(names: list[str], policy: str | None) -> tuple[str, str]:
+    """Of the checkpoints ``names`` (at least two, in pipeline order), the one the final model is
+    compared with (``initial``, else the first) and the final one: ``policy`` when it is one of
+    them, else the last."""
+    initial = "initial" if "initial" in names else names[0]
+    final = names[-1] if names[-1] != initial else names[-2]
+    if policy in names and policy != initial:
+        final = policy
+    return initial, final
+
+
 def _elo_figure(kind: str, result: dict[str, Any], policy: str | None = None,
                 ) -> tuple[Figure, str, str] | None:
     elo = result.get("elo")
     names = [n for n in (result.get("checkpoints") or list(elo or {})) if n in (elo or {})]
     if len(names) < 2:
         return None
-    initial = "initial" if "initial" in names else names[0]
-    final = names[-1] if names[-1] != initial else names[-2]
-    if policy in names and policy != initial:
-        final = policy
+    initial, final = _initial_and_final(names, policy)
     diff = (num(elo[final].get("elo")) or 0.0) - (num(elo[initial].get("elo")) or 0.0)
     lo, hi = num(elo[final].get("ci_low")), num(elo[final].get("ci_high"))
     interval = (lo, hi) if result.get("anchor") == initial and None not in (lo, hi) else None
@@ -364,12 +420,12 @@ def _calibrated(run: RunDir, judge: Any) -> str | None:
     if not isinstance(judge, dict):
         return None
     found: list[tuple[str, dict[str, Any]]] = []
-    if judge.get("type") == "feedback" and run.exists("calibrate/calibrate.summary.json"):
-        s = run.json("calibrate/calibrate.summary.json")
+    if judge.get("type") == "feedback" and run.exists(layout.CALIBRATION_SUMMARY):
+        s = run.json(layout.CALIBRATION_SUMMARY)
         if isinstance(s, dict) and str(s.get("feedback_model")) == str(judge.get("model")):
             found.append(("rl calibrate", s))
     if _own_pm(run, judge):
-        for file in sorted((run.path / "pm" / "eval").glob("*.summary.json")):
+        for file in sorted((run.path / layout.PM_EVAL).glob("*.summary.json")):
             s = run.json(str(file.relative_to(run.path)))
             if isinstance(s, dict):
                 found.append(("cai eval pm", s))
@@ -399,11 +455,11 @@ def _elo(run: RunDir, warnings: list[str], policy: str | None = None) -> StageVe
     """The Elo figures of ``eval/elo.json`` and, as a second opinion, ``eval/elo.second.json``
     (``eval.second_judge``); only the first judge's figures raise warnings, and only a judge
     calibrated on people's labels makes a finding (see the module docstring)."""
-    if not run.exists("eval/elo.json"):
+    if not run.exists(layout.ELO):
         return None
     figures = []
     opinions = []
-    for path, second in (("eval/elo.json", False), ("eval/elo.second.json", True)):
+    for path, second in ((layout.ELO, False), (layout.ELO_SECOND, True)):
         data = run.json(path) if run.exists(path) else None
         for kind in ("harmless", "helpful"):
             result = data.get(kind) if isinstance(data, dict) else None
@@ -456,18 +512,14 @@ def _judge_name(judge: Any) -> str:
 
 
 def _evasiveness(run: RunDir, policy: str | None = None) -> StageVerdict | None:
-    if not run.exists("eval/evasiveness.json"):
+    if not run.exists(layout.EVASIVENESS):
         return None
-    data = run.json("eval/evasiveness.json")
+    data = run.json(layout.EVASIVENESS)
     table = data.get("checkpoints") if isinstance(data, dict) else None
     rows = {k: v for k, v in (table or {}).items() if isinstance(v, dict) and "rate" in v}
     if len(rows) < 2:
         return _stage("Evasiveness", [])
-    names = list(rows)
-    initial = "initial" if "initial" in rows else names[0]
-    final = names[-1] if names[-1] != initial else names[-2]
-    if policy in rows and policy != initial:
-        final = policy
+    initial, final = _initial_and_final(list(rows), policy)
     ci = {n: (num(rows[n].get("ci_low")), num(rows[n].get("ci_high"))) for n in (initial, final)}
     figures = [Figure(f"refusal rate, {n}", rows[n]["rate"],
                       ci[n] if None not in ci[n] else None, "", NONE,
@@ -485,9 +537,9 @@ def _evasiveness(run: RunDir, policy: str | None = None) -> StageVerdict | None:
 
 
 def _critic(run: RunDir, warnings: list[str]) -> StageVerdict | None:
-    if not run.exists("ppo/ppo_log.jsonl"):
+    if not run.exists(layout.PPO_LOG):
         return None
-    rows = sorted((r for r in run.jsonl("ppo/ppo_log.jsonl").rows if isinstance(r, dict)),
+    rows = sorted((r for r in run.jsonl(layout.PPO_LOG).rows if isinstance(r, dict)),
                   key=lambda r: num(r.get("step")) or 0)
     ev = [x for x in (num(r.get("value_explained_var")) for r in rows) if x is not None]
     tail = critic_explained_variance(ev)
@@ -529,16 +581,14 @@ def _headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
     u, s = xstest.figures
     lead = (f"XSTest, the measure people validated: {xstest.verdict} (unsafe prompts refused "
             f"{_points(u.value)}, safe prompts answered {_points(s.value)}, "
-            f"{xstest.stage.split(': ')[1] if ': ' in xstest.stage else 'final'} against "
-            f"initial).")
+            f"{xstest.policy or 'final'} against initial).")
     return f"{lead} {headline}", xstest.kind
 
 
 def _stages_headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]:
-    state = run.json("run.json") if run.exists("run.json") else {}
-    gates = state.get("gates") if isinstance(state, dict) else None
+    gates = _recorded_gates(run)
     labels = next((s for s in stages if s.stage == "AI labels"), None)
-    if isinstance(gates, dict) and gates.get("status") == "fail":
+    if gates is not None and gates.get("status") == "fail":
         stopped = (f"The run stopped before the {gates.get('before', 'pm')} stage: the quality "
                    f"gate found that the AI labels carry no signal (gates.mode: strict).")
         return stopped, BAD
@@ -562,8 +612,7 @@ def _stages_headline(run: RunDir, stages: list[StageVerdict]) -> tuple[str, str]
 def _rl_policies(run: RunDir) -> list[str]:
     """The RL policies the evaluation compared (``rl.algo: ppo,dpo`` … gives several: each is
     judged), in pipeline order: the checkpoints after ``sl-cai``."""
-    for path, key in (("eval/evasiveness.json", "checkpoints"), ("eval/xstest.json",
-                                                                 "comparisons")):
+    for path, key in ((layout.EVASIVENESS, "checkpoints"), (layout.XSTEST, "comparisons")):
         data = run.json(path) if run.exists(path) else None
         names = list((data.get(key) or {}) if isinstance(data, dict) else {})
         if "sl-cai" in names:
@@ -573,7 +622,7 @@ def _rl_policies(run: RunDir) -> list[str]:
 
 def build_verdict(run: RunDir) -> VerdictData:
     if not any(run.exists(f) for f in SECTION_FILES["verdict"]):
-        raise NotRun("rl/label.summary.json")
+        raise NotRun(layout.LABEL_SUMMARY)
     warnings: list[str] = []
     try:
         policies: list[str | None] = list(_rl_policies(run))
@@ -582,19 +631,21 @@ def build_verdict(run: RunDir) -> VerdictData:
     if len(policies) < 2:
         policies = [None]  # one final checkpoint: the stages name it themselves
 
-    def each(name: str, build: Any, *args: Any) -> list[tuple[str, Any, tuple[Any, ...]]]:
-        return [(name if p is None else f"{name}: {p}", build, (*args, p)) for p in policies]
+    def each(name: str, build: Any, *args: Any,
+             ) -> list[tuple[str, Any, tuple[Any, ...], str | None]]:
+        return [(name if p is None else f"{name}: {p}", build, (*args, p), p) for p in policies]
 
     builds = (*each("XSTest (people-validated)", _xstest, run, warnings),
-              ("AI labels", _labels, (run, warnings)), ("Preference model", _pm, (run, warnings)),
+              ("AI labels", _labels, (run, warnings), None),
+              ("Preference model", _pm, (run, warnings), None),
               *each("Elo (AI judges)", _elo, run, warnings),
               *each("Evasiveness", _evasiveness, run),
-              ("PPO critic", _critic, (run, warnings)))
+              ("PPO critic", _critic, (run, warnings), None))
     stages = []
-    for name, build, args in builds:
+    for name, build, args, policy in builds:
         stage = _safely(name, build, *args)
-        if stage is not None and ": " in name:
-            stage.stage = name  # which of several policies this verdict judges
+        if stage is not None and policy is not None:
+            stage.stage, stage.policy = name, policy  # which of several policies it judges
         stages.append(stage)
     found = [s for s in stages if s is not None]
     headline, kind = _headline(run, found)
