@@ -77,7 +77,7 @@ def test_prefill_in_small_chunks_changes_nothing(peaked: HFModel) -> None:
     before = peaked.stats.forward_passes
     one = peaked.generate(PROMPTS, params)
     one_passes = peaked.stats.forward_passes - before
-    peaked.max_prefill_tokens, peaked._prefix = 40, None  # the prefix is computed again too
+    peaked.max_prefill_tokens, peaked.generation.prefix = 40, None  # the prefix is computed again too
     before = peaked.stats.forward_passes
     assert peaked.generate(PROMPTS, params) == one
     assert peaked.stats.forward_passes - before >= one_passes + 2  # more prefill passes

@@ -52,8 +52,8 @@ def test_versions_in_use_are_the_tested_ones() -> None:
 
 def test_self_check_passes_and_the_engine_runs(peaked_dir, caplog) -> None:
     model = HFModel(peaked_dir)
-    assert cascade.self_check(model.model, model._fast_linears()) is None
-    assert model.engine == "cascade" and model.internals and model._onednn is not None
+    assert cascade.self_check(model.model, model.generation.fast_linears()) is None
+    assert model.engine == "cascade" and model.generation.internals and model.generation.onednn is not None
     assert warnings_of(caplog) == []
 
 
@@ -63,7 +63,7 @@ def test_untested_version_falls_back_with_one_warning(peaked_dir, monkeypatch, c
     stock = HFModel(peaked_dir)
     again = HFModel(peaked_dir)
     assert stock.engine == again.engine == "generate"
-    assert not stock.internals and stock._onednn is None
+    assert not stock.generation.internals and stock.generation.onednn is None
     lines = warnings_of(caplog)
     assert len(lines) == 1, lines  # once per process, not per model
     assert "transformers 5.99.0" in lines[0] and "5.23" in lines[0]
@@ -89,7 +89,7 @@ def test_a_crashing_engine_fails_its_self_check(peaked_dir, monkeypatch, caplog)
     monkeypatch.setenv(guard.ENV_UNTESTED, "1")  # past the version gate, to the self-check
     monkeypatch.setattr(cascade.CascadeEngine, "generate", broken)
     model = HFModel(peaked_dir)
-    assert model.engine == "generate" and not model.internals
+    assert model.engine == "generate" and not model.generation.internals
     (line,) = warnings_of(caplog)
     assert "self-check failed" in line and "unexpected keyword argument" in line
     assert model.generate(PROMPTS[:1], GREEDY)[0]  # still answers
@@ -103,7 +103,7 @@ def test_wrong_numbers_fail_the_self_check(peaked_dir, monkeypatch) -> None:
 
     model = HFModel(peaked_dir)
     monkeypatch.setattr(cascade.RaggedCache, "update", corrupt)
-    reason = cascade.self_check(model.model, model._fast_linears())
+    reason = cascade.self_check(model.model, model.generation.fast_linears())
     assert reason is not None and "differ from the stock forward" in reason
 
 
@@ -125,7 +125,7 @@ def test_bfloat16_runs_the_engine_and_agrees_with_stock_generate(peaked_dir, cap
     prompts = [[{"role": "system", "content": shared}, *p] for p in PROMPTS] + PROMPTS
     fast = HFModel(peaked_dir, dtype="bfloat16")
     assert next(fast.model.parameters()).dtype == torch.bfloat16
-    assert cascade.self_check(fast.model, fast._fast_linears()) is None
+    assert cascade.self_check(fast.model, fast.generation.fast_linears()) is None
     assert fast.engine == "cascade" and warnings_of(caplog) == []
     stock = HFModel(peaked_dir, dtype="bfloat16", engine="generate")
     params = SamplingParams(max_new_tokens=12, temperature=0.0, stop=())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -50,7 +51,7 @@ def test_batches_respect_token_budget(tiny: HFModel) -> None:
     lengths = [5, 50, 7, 300, 20, 21, 3]
     budget, tiny.max_batch_tokens = tiny.max_batch_tokens, 400
     try:
-        batches = list(tiny._batches(lengths, extra=40))
+        batches = list(tiny.batcher.batches(lengths, extra=40))
     finally:
         tiny.max_batch_tokens = budget
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
@@ -66,7 +67,7 @@ def test_batches_are_balanced_rather_than_leaving_a_small_remainder(tiny: HFMode
     lengths = [1000 + i for i in range(32)]
     budget, tiny.max_batch_tokens = tiny.max_batch_tokens, 28 * 1100
     try:
-        batches = list(tiny._batches(lengths, extra=64))
+        batches = list(tiny.batcher.batches(lengths, extra=64))
     finally:
         tiny.max_batch_tokens = budget
     assert [len(b) for b in batches] == [16, 16]
@@ -290,7 +291,7 @@ def test_bf16_generation_copy_equals_a_bf16_model_and_follows_weight_updates(tin
         for p in mixed.model.parameters():
             p.add_(0.05 * torch.sin(torch.arange(p.numel(), dtype=torch.float32)).reshape(p.shape))
     assert mixed.generate_with_ids(PROMPTS, params) != before
-    copy = mixed._shadow.model
+    copy = mixed.weights.shadow.model
     for src, dst in zip(mixed.model.parameters(), copy.parameters(), strict=True):
         assert torch.equal(dst, src.to(torch.bfloat16))
     assert copy.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep their dtype
@@ -313,5 +314,26 @@ def test_a_fused_optimizer_step_is_seen_after_sync_weights(tiny_model_dir):
     lm.sync_weights()
     after = lm.generate_with_ids(PROMPTS, params)
     assert after != before
-    for src, dst in zip(lm.model.parameters(), lm._shadow.model.parameters(), strict=True):
+    for src, dst in zip(lm.model.parameters(), lm.weights.shadow.model.parameters(), strict=True):
         assert torch.equal(dst, src.detach().to(torch.bfloat16))
+
+
+def test_load_policy_swaps_the_model_that_generates(tiny_model_dir):
+    """A trainer hands over the model to generate from with ``load_policy`` (``model`` cannot be
+    assigned): generation then equals a model loaded on those weights, bf16 copy included."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    lm = HFModel(tiny_model_dir, generate_dtype="bfloat16")
+    before = lm.generate_with_ids(PROMPTS, params)
+    policy = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.sin(torch.arange(p.numel(), dtype=torch.float32)).reshape(p.shape))
+    with pytest.raises(AttributeError):
+        lm.model = policy
+    lm.load_policy(policy)
+    assert lm.model is policy
+    got = lm.generate_with_ids(PROMPTS, params)
+    fresh = HFModel(tiny_model_dir, model=copy.deepcopy(policy), generate_dtype="bfloat16")
+    assert got == fresh.generate_with_ids(PROMPTS, params) and got != before
+    for src, dst in zip(policy.parameters(), lm.weights.shadow.model.parameters(), strict=True):
+        assert torch.equal(dst, src.to(torch.bfloat16))

@@ -197,7 +197,7 @@ def test_options_one_at_a_time_equal_options_together(tiny, monkeypatch) -> None
     before = tiny.stats.forward_passes
     together = tiny.score(contexts, options)
     passes_together = tiny.stats.forward_passes - before
-    monkeypatch.setattr(tiny, "SCORE_REPEAT_TOKENS", 0)
+    monkeypatch.setattr(tiny.scorer, "SCORE_REPEAT_TOKENS", 0)
     before = tiny.stats.forward_passes
     apart = tiny.score(contexts, options)
     assert tiny.stats.forward_passes - before > passes_together

@@ -225,3 +225,54 @@ def sample_seed(seed: int, prompt: Prompt, index: int) -> int:
     """The seed of sample ``index`` of ``prompt``: depends only on these, never on the batch."""
     h = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt_key(prompt)}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling rows, shared by the backends that sample token ids themselves (``hf``, ``vllm``)
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One sequence a ``generate`` call runs: sample ``sample`` of prompt ``prompt``, drawn with
+    ``seed`` (``None``: greedy)."""
+
+    prompt: int
+    sample: int
+    seed: int | None
+
+
+def sample_rows(prompts: Sequence[Prompt], params: SamplingParams) -> list[SampleRow]:
+    """The rows of a ``generate`` call: one per (prompt, sample index), prompt-major, each
+    seeded by :func:`sample_seed` (so a sample depends on its prompt and index alone). Greedy
+    samples are identical, so a greedy call runs each prompt once (``per_prompt`` repeats it)."""
+    if params.greedy:
+        return [SampleRow(i, 0, None) for i in range(len(prompts))]
+    return [SampleRow(i, k, sample_seed(params.seed, prompts[i], k))
+            for i in range(len(prompts)) for k in range(params.n)]
+
+
+def per_prompt(outputs: Sequence[Any], params: SamplingParams) -> list[Any]:
+    """The outputs of :func:`sample_rows`' rows (in their order) as ``generate`` returns them:
+    ``params.n`` per prompt, prompt-major (a greedy row repeated ``n`` times)."""
+    if params.greedy:
+        return [out for out in outputs for _ in range(params.n)]
+    return list(outputs)
+
+
+def eos_token_ids(eos: int | list[int] | None, tokenizer: Any) -> set[int]:
+    """The tokens that end a sample: ``eos`` (a generation config's ``eos_token_id``, one id or
+    a list), else the tokenizer's EOS token."""
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def finish_sample(new: Sequence[int], eos_ids: set[int], tokenizer: Any,
+                  stop: Sequence[str]) -> tuple[str, list[int], int]:
+    """A sample's (text, token ids, generated token count) from the ids a backend generated:
+    the text is decoded up to the first EOS token and cut at the first stop string; the ids end
+    with that EOS token when the model stopped by itself (stop strings cut the text only); the
+    count excludes the EOS token."""
+    n_tokens = next((t for t, tok in enumerate(new) if tok in eos_ids), len(new))
+    text = tokenizer.decode(list(new[:n_tokens]), skip_special_tokens=True)
+    return truncate_at_stop(text, stop), list(new[: n_tokens + 1]), n_tokens

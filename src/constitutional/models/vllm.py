@@ -70,9 +70,11 @@ from constitutional.models.base import (
     Prompt,
     SamplingParams,
     TokenizerPrompts,
+    eos_token_ids,
+    finish_sample,
     normalize_options,
-    sample_seed,
-    truncate_at_stop,
+    per_prompt,
+    sample_rows,
     validate_prompts,
 )
 
@@ -575,9 +577,7 @@ class VLLMModel(TokenizerPrompts, LanguageModel):
             eos = config.try_get_generation_config().get("eos_token_id")
         except Exception:  # noqa: BLE001 - an unreadable generation config: use the tokenizer's
             eos = None
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return set(eos if isinstance(eos, list) else [eos]) - {None}
+        return eos_token_ids(eos, self.tokenizer)
 
     def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts],
@@ -603,27 +603,22 @@ class VLLMModel(TokenizerPrompts, LanguageModel):
         validate_prompts(prompts)
         t0 = time.perf_counter()
         encoded = [self.encode(p) for p in prompts]
-        samples = 1 if params.greedy else params.n  # greedy samples are identical
-        rows = [(i, k) for i in range(len(prompts)) for k in range(samples)]
+        rows = sample_rows(prompts, params)
         common = {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
                   "top_p": params.top_p, "stop": list(params.stop) or None,
                   "skip_special_tokens": True}
-        sampling = [vllm.SamplingParams(
-            **common, seed=None if params.greedy else sample_seed(params.seed, prompts[i], k))
-            for i, k in rows]
-        outs = self._run([encoded[i] for i, _ in rows], sampling)
-        texts: dict[tuple[int, int], tuple[str, list[int]]] = {}
-        for row, out in zip(rows, outs, strict=True):
-            new = list(out.outputs[0].token_ids)
-            n_tokens = next((t for t, tok in enumerate(new) if tok in self.eos_ids), len(new))
-            self.stats.generated_tokens += n_tokens
+        sampling = [vllm.SamplingParams(**common, seed=row.seed) for row in rows]
+        outs = self._run([encoded[row.prompt] for row in rows], sampling)
+        samples: list[tuple[str, list[int]]] = []
+        for out in outs:
             # decoded as the hf backend decodes (vLLM's incremental text can differ in spacing)
-            text = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
-            texts[row] = (truncate_at_stop(text, params.stop), new[: n_tokens + 1])
+            text, ids, n_tokens = finish_sample(out.outputs[0].token_ids, self.eos_ids,
+                                                self.tokenizer, params.stop)
+            self.stats.generated_tokens += n_tokens
+            samples.append((text, ids))
         self.stats.requests += len(prompts)
         self.stats.seconds += time.perf_counter() - t0
-        return [texts[(i, k if samples > 1 else 0)]
-                for i in range(len(prompts)) for k in range(params.n)]
+        return per_prompt(samples, params)
 
     # ----------------------------------------------------------------------------------------
     # score

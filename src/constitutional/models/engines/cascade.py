@@ -348,7 +348,7 @@ def kv_shape(model: Any) -> tuple[int, int, int]:
     return c.num_hidden_layers, kv_heads, dim
 
 
-#: The model attribute that :meth:`HFModel.sync_weights` counts up.
+#: The model attribute that :meth:`HFModel.sync_weights` (and ``load_policy``) counts up.
 SYNC_ATTR = "_cai_weights_synced"
 
 

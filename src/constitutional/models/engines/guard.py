@@ -2,14 +2,14 @@
 
 The CPU engine (:mod:`constitutional.models.engines.cascade`: its own attention function and KV cache,
 PyTorch's CPU flash kernel, oneDNN's ``mkldnn_linear``) and the preallocated-cache path of
-:mod:`constitutional.models.hf` (``StaticCache`` layer internals) use APIs that a new release of
+:mod:`constitutional.models.hf_generate` (``StaticCache`` layer internals) use APIs that a new release of
 torch or transformers may change without notice; transformers 5.24 did, and every fresh install
 crashed. So they run only
 
 1. on the torch and transformers versions they were tested with (:data:`TESTED`, major.minor),
    or anywhere when ``CAI_ENGINE_UNTESTED=1`` (``make test-latest`` sets it, so that the drift
    canary exercises the engine on the newest releases); and
-2. after a self-check at load (:func:`constitutional.models.hf.HFModel`): a tiny forward
+2. after a self-check at load (:class:`constitutional.models.hf_generate.HFGenerator`): a tiny forward
    through the engine must give the stock forward's logits.
 
 Otherwise the backend uses transformers' stock ``generate`` and prints **one** warning line

@@ -325,7 +325,7 @@ class ExperienceMaker:
 
         t0 = time.perf_counter()
         params = self.config.sampling(step)
-        self.generator.model = policy
+        self.generator.load_policy(policy)
         samples = sample_answers(self.generator, prompts, params)
         answers = [text for text, _ in samples]
         queries = [self.generator.encode(p) for p in prompts]
