@@ -293,3 +293,20 @@ def test_the_verdict_judges_every_rl_policy(tmp_path):
     assert stages["Evasiveness: rl-cai"].verdict == "rl-cai more evasive"
     assert any("rl-cai against initial" in w for w in verdict.warnings)
     assert "rl-cai against initial" in verdict.headline
+
+
+def test_the_training_log_keeps_small_learning_rates_readable(caplog: pytest.LogCaptureFixture) -> None:
+    """The trainers' log lines show 4 significant digits: a learning rate of 5e-05 rounded to 4
+    decimals read 0.0, as if training had stopped."""
+    import logging
+    from types import SimpleNamespace
+
+    from constitutional.train import log_callback
+
+    state = SimpleNamespace(is_world_process_zero=True, global_step=5)
+    with caplog.at_level(logging.INFO, logger="constitutional.train"):
+        log_callback().on_log(None, state, None, logs={
+            "learning_rate": 5e-05, "loss": 1.52243, "epoch": 0.4545454, "other": 1.0})
+    [line] = [r.getMessage() for r in caplog.records if "step 5" in r.getMessage()]
+    assert "'learning_rate': 5e-05" in line
+    assert "'loss': 1.522" in line and "'epoch': 0.4545" in line and "other" not in line

@@ -148,12 +148,10 @@ class ModelSettings(Settings):
         return {"trust_remote_code": self.trust_remote_code,
                 **({"revision": self.model_revision} if self.model_revision else {})}
 
-    def load_kwargs(self, *, quantize: bool = True) -> dict[str, Any]:
-        """``from_pretrained``'s keyword arguments, as TRL's scripts build them from a
-        ``ModelConfig``: revision, dtype, attention, remote code, and (unless not ``quantize``:
-        a model trained whole) quantization, placed by ``device_map``, one GPU per process."""
-        import torch
-
+    def check_machine(self) -> None:
+        """Stop with one line (exit 2) when this machine cannot honour a model setting: a
+        flash-attention kernel whose package is missing, quantization without bitsandbytes or a
+        CUDA GPU. A stage calls it first, before it reads data or loads anything."""
         if self.attn_implementation and self.attn_implementation.startswith("flash_attention"):
             import importlib.util
 
@@ -163,6 +161,16 @@ class ModelSettings(Settings):
                 raise UserError(f"attn_implementation {self.attn_implementation} needs the "
                                 f"{package} package (and a CUDA GPU); use sdpa or eager",
                                 field="attn_implementation")
+        self.quantization_config()
+
+    def load_kwargs(self, *, quantize: bool = True) -> dict[str, Any]:
+        """``from_pretrained``'s keyword arguments, as TRL's scripts build them from a
+        ``ModelConfig``: revision, dtype, attention, remote code, and (unless not ``quantize``:
+        a model trained whole) quantization, placed by ``device_map``, one GPU per process.
+        Checks the machine first (:meth:`check_machine`)."""
+        import torch
+
+        self.check_machine()
         kwargs: dict[str, Any] = {
             **self.tokenizer_kwargs(),
             "dtype": "auto" if self.dtype == "auto" else getattr(torch, self.dtype)}
@@ -413,7 +421,9 @@ def log_callback() -> Any:
                    logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
             if not logs or not state.is_world_process_zero:
                 return
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items()
+            # 4 significant digits: a learning rate of 5e-05 must not read 0.0
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v
+                     for k, v in logs.items()
                      if k in ("loss", "eval_loss", "learning_rate", "epoch", "grad_norm")}
             if shown:
                 log.info("step %d: %s", state.global_step, shown)

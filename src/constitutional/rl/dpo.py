@@ -113,7 +113,7 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
     from constitutional.train import TrainJob, causal_lm, process_state, run_trainer, write_report
 
     t0 = time.perf_counter()
-    config.load_kwargs()  # a model setting this machine cannot honour stops here, at once
+    config.check_machine()  # a model setting this machine cannot honour stops here, at once
     rows, smoothing = dpo_rows(config)
     train = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "train"]
     held = [r for r in rows if split_of(stable_hash(r["id"]), config.eval_fraction) == "test"]

@@ -547,7 +547,7 @@ def pm_train(config: PMConfig) -> PMResult:
     from constitutional.train import process_state, write_report
 
     t0 = time.perf_counter()
-    config.load_kwargs()  # a model setting this machine cannot honour stops here, at once
+    config.check_machine()  # a model setting this machine cannot honour stops here, at once
     ai = load_comparisons(config.labels, source="ai")
     human = (load_comparisons(config.human_prefs, source="human", hard=True)
              if config.human_prefs else [])

@@ -143,7 +143,7 @@ def sl_train(config: SLTrainConfig) -> SLTrainResult:
     from constitutional.train import process_state, write_report
 
     t0 = time.perf_counter()
-    config.load_kwargs()  # a model setting this machine cannot honour stops here, at once
+    config.check_machine()  # a model setting this machine cannot honour stops here, at once
     revisions = load_sft_rows(config.data)
     data_dir = Path(config.data) if Path(config.data).is_dir() else Path(config.data).parent
     run = RunDir(data_dir)
