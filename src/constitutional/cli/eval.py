@@ -18,6 +18,7 @@ from constitutional.cli.options import (
     out,
     settings_command,
 )
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.evaluate.mc import MCConfig
 from constitutional.evaluate.xstest import XSTestSettings
@@ -39,7 +40,7 @@ def _fmt(x: Any, digits: int = 1) -> str:
 
 
 def _answers_file(path: Path) -> Path:
-    return path / "answers.jsonl" if path.is_dir() else path
+    return path / Path(layout.ANSWERS).name if path.is_dir() else path
 
 
 def _pm_dir(spec: str) -> str:
@@ -75,7 +76,7 @@ def elo_cmd(
     if bootstrap < 0:
         raise UserError(f"must be at least 0, got {bootstrap}", field="bootstrap")
     answers = _answers_file(answers)
-    target = out_path or answers.parent / "elo.json"
+    target = out_path or answers.parent / Path(layout.ELO).name
     the_judge = make_judge(judge, constitution=constitution, principles=principles,
                            few_shot=few_shot, seed=seed, device=device)
     results = run_elo(answers, the_judge, target, kinds=kind, bootstrap=bootstrap, seed=seed,
@@ -105,7 +106,7 @@ def evasiveness_cmd(
     if kind not in ("harmless", "helpful"):
         raise UserError(f"must be harmless or helpful, got {kind!r}", field="kind")
     answers = _answers_file(answers)
-    target = out_path or answers.parent / "evasiveness.json"
+    target = out_path or answers.parent / Path(layout.EVASIVENESS).name
     result = run_evasiveness(str(answers), str(target), kind=kind)
     t = Table(title=f"Evasiveness on {kind} prompts (95% Wilson CIs)")
     for col in ("checkpoint", "refusal rate", "refusals", "n", "95% CI"):
@@ -131,7 +132,7 @@ def revision_curve_cmd(
     from constitutional.evaluate.revision_curve import TRACES_FILE, run_revision_curve
 
     file = traces / TRACES_FILE if traces.is_dir() else traces
-    target = out_path or file.parent / "revision_curve.json"
+    target = out_path or file.parent / Path(layout.REVISION_CURVE).name
     judge = load_pm_judge(_pm_dir(pm), device=device)
     result = run_revision_curve(file, judge.pm, target, pm_name=judge.name)
     t = Table(title="PM score per revision (mean ± standard error)")

@@ -23,6 +23,7 @@ from constitutional.cli.options import (
     ray_options,
     settings_command,
 )
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.prompts.selection import PromptSelection
 from constitutional.rl.calibrate import CalibrateConfig
@@ -273,7 +274,7 @@ def run_ppo(config: PPOConfig) -> None:
     if table.row_count:
         out.print(table)
     print_line(f"PPO policy → {result.out_dir} · {result.steps} steps · log → "
-               f"{result.out_dir / 'ppo_log.jsonl'} · {result.seconds:.0f}s")
+               f"{result.out_dir / Path(layout.PPO_LOG).name} · {result.seconds:.0f}s")
 
 
 def run_dpo(config: DPOStageConfig) -> None:

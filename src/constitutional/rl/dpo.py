@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.core.io import stable_hash
 from constitutional.core.settings import Field
@@ -142,5 +143,5 @@ def dpo_train(config: DPOStageConfig) -> DPOResult:
                "train_pairs": len(train), "eval_pairs": len(held), **trained,
                "wall_seconds": round(time.perf_counter() - t0, 2)}
     if process_state(config.device).is_main_process:
-        write_report(out / "dpo.json", config, metrics)
+        write_report(out / Path(layout.DPO_METRICS).name, config, metrics)
     return DPOResult(out, metrics)

@@ -41,6 +41,7 @@ from typing import Any
 
 from pydantic import field_validator
 
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.core.io import atomic_write_jsonl, stable_hash
 from constitutional.core.settings import Field
@@ -50,7 +51,7 @@ from constitutional.train import EvalFraction, TrainRun, TrainSettings
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-PM_METRICS = "pm.json"
+PM_METRICS = Path(layout.PM_METRICS).name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def load_comparisons(spec: str | Path, *, source: str = "ai", hard: bool = False
     whole conversations); training needs one shared prompt and skips or rejects them.
     """
     path = Path(spec)
-    file = path / "preferences.jsonl" if path.is_dir() else path
+    file = path / Path(layout.PREFERENCES).name if path.is_dir() else path
     if not file.is_file():
         raise UserError("not found (expected a `cai rl label` run directory or a JSONL file)",
                         file=file)

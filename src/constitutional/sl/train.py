@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from constitutional.core import layout
 from constitutional.core.errors import UserError
 from constitutional.core.io import JsonlStore, RunDir, stable_hash
 from constitutional.core.settings import Field
@@ -85,7 +86,7 @@ class SLTrainResult:
 def load_sft_rows(data: str) -> list[dict[str, Any]]:
     """Rows from a revise run directory or a JSONL file (prompt/completion or messages rows)."""
     path = Path(data)
-    file = path / "revise.sft.jsonl" if path.is_dir() else path
+    file = path / Path(layout.SL_SFT).name if path.is_dir() else path
     if not file.is_file():
         raise UserError("not found (expected a `cai sl revise` run directory or a JSONL file)",
                         file=file)
@@ -174,7 +175,7 @@ def sl_train(config: SLTrainConfig) -> SLTrainResult:
         "processes": state.num_processes,
     })
     if state.is_main_process:
-        write_report(config.out_dir / "sl_train.json", config, metrics)
+        write_report(config.out_dir / Path(layout.SL_TRAIN_METRICS).name, config, metrics)
     return SLTrainResult(config.out_dir, metrics, state.is_main_process)
 
 
