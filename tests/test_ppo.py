@@ -484,34 +484,6 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_loses_nothing(peaked, t
     assert (out / "checkpoints" / "step-2").is_dir() and (out / "model.safetensors").exists()
 
 
-def test_rollouts_follow_the_policy_through_load_policy(tmp_path):
-    """PPO hands its rollout engine the policy through ``load_policy`` before it samples."""
-    from constitutional.rl.ppo.experience import ExperienceMaker
-
-    class Sampled(Exception):
-        pass
-
-    class Engine:
-        def __init__(self):
-            self.calls = []
-
-        def load_policy(self, policy):
-            self.calls.append(("load_policy", policy))
-
-        def generate_with_ids(self, prompts, params):
-            self.calls.append(("generate", len(prompts)))
-            raise Sampled
-
-    engine, policy = Engine(), object()
-    maker = ExperienceMaker(PPOConfig(prompts="unused", pm="unused", out=str(tmp_path)),
-                            generator=engine,
-                            tokenizer=None, ref=None, value_head=None, rewarder=None,
-                            kl_ctl=None, device="cpu", all_sum=lambda t: t)
-    with pytest.raises(Sampled):
-        maker.make(PROMPTS[:2], 0, policy)
-    assert engine.calls == [("load_policy", policy), ("generate", 2)]
-
-
 def test_no_module_assigns_the_model_of_another_object():
     """A generation engine's model changes through its methods (``load_policy``,
     ``sync_weights``), never by assigning its ``model`` from outside."""
