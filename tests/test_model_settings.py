@@ -310,3 +310,33 @@ def test_the_training_log_keeps_small_learning_rates_readable(caplog: pytest.Log
     [line] = [r.getMessage() for r in caplog.records if "step 5" in r.getMessage()]
     assert "'learning_rate': 5e-05" in line
     assert "'loss': 1.522" in line and "'epoch': 0.4545" in line and "other" not in line
+
+
+def test_a_checkpoint_cut_short_is_skipped_on_resume(tiny_model_dir, tmp_path, caplog):
+    """A full disk while the Trainer saved left ``checkpoint-50`` with its weights and a truncated
+    optimizer.pt but no trainer_state.json (seen in a real run here); ``--resume`` then stopped
+    with FileNotFoundError. The checkpoint is skipped and the newest complete one is resumed."""
+    import logging
+
+    from constitutional.sl.train import SLTrainConfig, sl_train
+    from constitutional.train import last_complete_checkpoint
+
+    def config(**kw: Any) -> SLTrainConfig:
+        return SLTrainConfig(data=str(sft_rows(tmp_path / "sft.jsonl")), model=str(tiny_model_dir),
+                             out=str(tmp_path / "model"), epochs=2, batch_size=3,
+                             eval_fraction=0, device="cpu", save_steps=1, **kw)
+
+    first = sl_train(config())
+    checkpoints = first.out_dir / "checkpoints"
+    steps = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert steps[-2:] == [3, 4], steps
+    cut = checkpoints / "checkpoint-4"
+    (cut / "trainer_state.json").unlink()
+    optimizer = cut / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    assert last_complete_checkpoint(checkpoints) == checkpoints / "checkpoint-3"
+    with caplog.at_level(logging.WARNING, logger="constitutional.train"):
+        again = sl_train(config(resume=True))
+    assert again.metrics["steps"] == 4
+    assert any("checkpoint-4" in r.getMessage() and "not written to the end" in r.getMessage()
+               for r in caplog.records)

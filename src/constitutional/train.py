@@ -350,8 +350,8 @@ def run_trainer(config: Any, job: TrainJob) -> dict[str, Any]:
                                 peft_config=lora, **job.trainer_kwargs(tokenizer))
     trainer.remove_callback(PrinterCallback)  # the CLI prints the losses; the library logs them
     trainer.add_callback(log_callback())
-    resume = config.resume and any(checkpoints.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    resume = last_complete_checkpoint(checkpoints) if config.resume else None
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics: dict[str, Any] = {}
     if eval_ds is not None:
         before = eval_before(trainer)
@@ -409,6 +409,29 @@ def write_report(file: Path, config: Settings, metrics: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # the pieces
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest ``checkpoint-N`` in ``checkpoints`` that the Trainer finished writing, or None.
+
+    The Trainer writes ``trainer_state.json`` after the weights, the optimizer, the scheduler and
+    the random state, so a checkpoint whose state file is missing or unreadable was cut short (a
+    kill or a full disk while saving). Resuming from it fails (transformers picks the highest
+    number); it is skipped, with a warning, and the next complete one is used."""
+    found = []
+    for path in checkpoints.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("skipping %s: it was not written to the end (no readable "
+                        "trainer_state.json); resuming from an earlier checkpoint", path)
+            continue
+        return path
+    return None
 
 
 def log_callback() -> Any:

@@ -50,6 +50,7 @@ from constitutional.train import (
     ModelSettings,
     TrainRun,
     check_settings_unchanged,
+    last_complete_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
     state = process_state(config.device)
     checkpoints = out / "checkpoints"
     settings_file = out / f"{config.algo}.config.json"
-    resume = config.resume and any(checkpoints.glob("checkpoint-*"))
+    resume = last_complete_checkpoint(checkpoints) if config.resume else None
     if resume:
         check_settings_unchanged(settings_file, config.to_dict(), RESUME_MAY_CHANGE)
     prompts = ([list(p) for p in prompts] if prompts is not None
@@ -408,7 +409,7 @@ def grpo_train(config: GRPOConfig, *, label: Any = None,
     log.info("%s: %d steps of %d prompts × %d answers, reward %s, sampled by %s", config.algo,
              config.steps, config.prompts_per_step, config.group_size,
              " + ".join(f"{w:g}×{n}" for n, w in config.reward.items()), engine)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     history = [log_row(e, config.iterations, shown) for e in trainer.state.log_history
                if "reward" in e]
     last = {}
