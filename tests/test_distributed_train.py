@@ -386,7 +386,9 @@ def test_recipe_loads_the_model_after_the_arguments_and_saves_on_every_process(
     events: list = []
     args_class, load_model, trainer_class, made = fake_trl(events, main)
     out = tmp_path / "out"
-    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    checkpoint = out / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")  # written last: a complete checkpoint
     metrics = run_trainer(Config(lora=lora, lora_r=4, resume=True, seed=7), TrainJob(
         model=str(tiny_model_dir), out=out, trainer_class=trainer_class, args_class=args_class,
         learning_rate=1e-3, datasets=lambda tokenizer: (["train"], ["held out"]),
@@ -396,7 +398,8 @@ def test_recipe_loads_the_model_after_the_arguments_and_saves_on_every_process(
 
     saves = ([("save_model", out / "adapter"), *(["merge", ("save_pretrained", out)] if main
                                                  else [])] if lora else [("save_model", out)])
-    assert events == ["args", "model", "trainer", ("train", True), "evaluate", *saves, "wait"]
+    assert events == ["args", "model", "trainer", ("train", str(checkpoint)), "evaluate", *saves,
+                      "wait"]
     trainer = made[0]
     assert trainer.args.kwargs["beta"] == 0.1 and trainer.args.kwargs["eval_on_start"]
     assert (trainer.args.kwargs["learning_rate"], trainer.args.kwargs["seed"]) == (1e-3, 7)
